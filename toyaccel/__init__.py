@@ -1,0 +1,25 @@
+"""toyaccel: the book's Appendix A MLP, trained with Hugging Face Accelerate on CPU, GPU or many processes.
+
+Public API::
+
+    from toyaccel import TrainConfig, fit, load_model, NeuralNetwork, ToyaccelError
+    result = fit(TrainConfig(epochs=3))          # same as `toyaccel-train --epochs 3`
+    model = load_model(result.output_dir)        # from model.safetensors + config.json
+"""
+
+from toyaccel.config import TrainConfig
+from toyaccel.errors import ToyaccelError
+from toyaccel.model import NeuralNetwork
+from toyaccel.outputs import load_model
+
+__version__ = "0.1.0"
+__all__ = ["TrainConfig", "fit", "RunResult", "load_model", "NeuralNetwork", "ToyaccelError", "__version__"]
+
+
+def __getattr__(name):
+    # fit and RunResult pull in accelerate; importing them lazily keeps `import toyaccel` light.
+    if name in ("fit", "RunResult"):
+        from toyaccel import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'toyaccel' has no attribute {name!r}")

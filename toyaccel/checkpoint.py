@@ -1,0 +1,181 @@
+"""Checkpoints: atomic, bounded, verified, and restorable into the exact same training state.
+
+A checkpoint is a folder ``checkpoints/step_<global_step>/`` holding what ``accelerator.save_state``
+writes (weights, optimizer, per-process RNG files) plus two files of ours, neither of them a pickle:
+``rng_state.safetensors`` (the global torch RNG, which decides each epoch's data order) and
+``trainer_state.json`` (where training stands, what it was trained with, and a manifest with the
+size and SHA-256 of every file, written last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from toyaccel.errors import ToyaccelError
+from toyaccel.faults import maybe_inject_fault
+from toyaccel.outputs import write_json
+
+STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.safetensors"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands. Checkpoints are taken only between optimizer steps."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps done in this epoch
+    global_step: int = 0  # optimizer steps done in the whole run
+    epoch_seed: int | None = None  # the shuffle seed of the epoch in progress (None: not drawn yet)
+    global_batch: int = 0  # samples per optimizer step, over all processes
+    world_size: int = 1
+    training: dict[str, Any] = field(default_factory=dict)  # TrainConfig.training_dict()
+    model_shape: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+
+    @property
+    def samples_in_epoch(self) -> int:
+        return self.step_in_epoch * self.global_batch
+
+    def finish_step(self) -> None:
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.epoch_seed = self.epoch + 1, 0, None
+
+    def differences(self, other: TrainerState) -> list[str]:
+        """What makes ``other`` (this run) unable to continue from this checkpoint, in words."""
+        diffs = [
+            f"{name}: checkpoint {self.training.get(name)!r}, now {value!r}"
+            for name, value in other.training.items()
+            if self.training.get(name) != value
+        ]
+        if self.model_shape != other.model_shape:
+            diffs.append(f"model shape: checkpoint {self.model_shape}, now {other.model_shape}")
+        if self.global_batch != other.global_batch:
+            diffs.append(
+                f"global batch (processes x batch_size x grad_accum): checkpoint {self.global_batch}, "
+                f"now {other.global_batch}"
+            )
+        if self.data_fingerprint != other.data_fingerprint:
+            diffs.append("the data: its contents changed since the checkpoint")
+        return diffs
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, newest first (temporary folders are never listed)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last: int) -> Path:
+    """Write a checkpoint of the current step; every process must call this."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step_{state.global_step}"
+    if final.exists():  # an epoch end that is also a --checkpoint-every step
+        return final
+    tmp = root / f".tmp-step_{state.global_step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    maybe_inject_fault("checkpoint", state.global_step, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Every process holds the same global RNG state (same seed, same draws), so one copy serves
+        # any number of processes on resume, including a different number.
+        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
+        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": manifest})
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last:
+            for old in checkpoint_dirs(output_dir)[keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: str | Path) -> TrainerState:
+    """Read a checkpoint's state and check every file against its manifest, or say which file is bad."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not path.is_dir():
+        raise ToyaccelError(f"checkpoint {path}: no such directory")
+    try:
+        raw = json.loads(state_file.read_text())
+        files = raw.pop("files")
+        state = TrainerState(**raw)
+    except FileNotFoundError:
+        raise ToyaccelError(f"{state_file}: missing (incomplete checkpoint)") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
+    for name, expected in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ToyaccelError(f"{f}: missing from checkpoint")
+        if f.stat().st_size != expected["bytes"] or _sha256(f) != expected["sha256"]:
+            raise ToyaccelError(f"{f}: damaged (size or checksum differs from {STATE_FILE})")
+    return state
+
+
+def find_resume_checkpoint(output_dir: str, resume: str, say=print) -> Path:
+    """``resume`` is 'latest' (the newest checkpoint that verifies) or a checkpoint folder."""
+    if resume != "latest":
+        verify_checkpoint(resume)
+        return Path(resume)
+    for candidate in checkpoint_dirs(output_dir):
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except ToyaccelError as e:
+            say(f"skipping checkpoint {candidate.name}: {e}")
+    raise ToyaccelError(f"--resume latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
+
+
+def load_checkpoint(accelerator, path: Path, expected: TrainerState) -> TrainerState:
+    """Restore model, optimizer and RNG from ``path``; refuse a checkpoint of a different run."""
+    state = verify_checkpoint(path)
+    diffs = state.differences(expected)
+    if diffs:
+        raise ToyaccelError(f"cannot resume from {path}: it was trained differently: {'; '.join(diffs)}")
+    try:
+        accelerator.load_state(str(path))
+        torch.set_rng_state(load_file(str(path / RNG_FILE))["torch"])
+    except Exception as e:  # noqa: BLE001 - the manifest passed, so this is a foreign or corrupt file
+        raise ToyaccelError(f"checkpoint {path}: cannot be loaded: {str(e).splitlines()[0]}") from None
+    state.world_size = expected.world_size
+    return state

@@ -1,0 +1,84 @@
+"""Command lines: a thin shell over ``toyaccel.fit`` that turns ToyaccelError into exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+from toyaccel.config import TrainConfig, build_config, read_config_file
+from toyaccel.errors import ToyaccelError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit code 2, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ToyaccelError(f"{message} (see {self.prog} --help)")
+
+
+def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    kind = str(f.type).split(" |")[0]
+    return {"int": int, "float": float}.get(kind, str)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="toyaccel-train",
+        description="Train the book's MLP (or your own data) with Accelerate on CPU, GPU or many processes.",
+        epilog="Precedence: defaults < --config file < command-line options.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default if f.name != 'hidden' else '30,20'})"
+        # SUPPRESS: only options the user typed override the config file.
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                type=_field_type(f),
+                choices=f.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=None if f.metadata.get("choices") else f.name.upper(),
+            )
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(train_parser().parse_args(argv))
+    file_values = read_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    return build_config(file_values, **args)
+
+
+def run_cli(main: Callable[[], Any]) -> int:
+    """Run ``main``; print a ToyaccelError as one line (from one process only) and return 2."""
+    try:
+        main()
+    except ToyaccelError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from toyaccel.training import fit  # keep `--help` and argument errors fast
+
+    def main() -> None:
+        config = parse_train_args(argv)
+        fit(config)
+
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,91 @@
+"""What a run reports: log lines, ``metrics.jsonl``, a progress bar and accelerate's trackers.
+
+Only the main process writes; every method may be called on every process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, accelerator, output_dir: str, epochs: int, progress: bool, resume_step: int | None):
+        self.accelerator = accelerator
+        self.epochs = epochs
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        self.bar = None
+        self.show_progress = progress and accelerator.is_main_process and sys.stderr.isatty()
+        if accelerator.is_main_process:
+            self.history = self._continue_history(resume_step)
+
+    def _continue_history(self, resume_step: int | None) -> list[dict[str, Any]]:
+        """Keep what was logged up to the checkpoint; drop what a crashed attempt logged after it."""
+        if resume_step is None or not self.path.exists():
+            self.path.write_text("")
+            return []
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash
+            if record.get("step", 0) <= resume_step:
+                kept.append(record)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=done_steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
+            )
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.history.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        line = format_record(record, self.epochs)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_record(record: dict[str, Any], epochs: int) -> str:
+    """``epoch 2/3 | step 4 | loss 0.4412 | lr 0.5 | 812 samples/s`` (and the epoch-end metrics)."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}"]
+    for key, fmt in (
+        ("loss", ".4f"),
+        ("lr", ".4g"),
+        ("train_loss", ".4f"),
+        ("train_acc", ".3f"),
+        ("val_loss", ".4f"),
+        ("val_acc", ".3f"),
+    ):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    if record.get("samples_per_s"):
+        parts.append(f"{record['samples_per_s']:.0f} samples/s")
+    return " | ".join(parts)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,91 @@
+"""Files of a run: atomic writes, the output-directory guard, and loading a saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from toyaccel.errors import ToyaccelError
+from toyaccel.model import NeuralNetwork
+
+# Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", "results.json", "model.safetensors", "metrics.jsonl", "loss.png", "checkpoints", "logs")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(path, lambda p: save_file(tensors, str(p)))
+
+
+def existing_run_files(output_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    """Refuse to mix two runs in one folder, and find an unwritable folder before training starts."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ToyaccelError(f"output directory {out} exists and is not a directory")
+    found = existing_run_files(out) if out.exists() else []
+    if found and not (overwrite or resuming):
+        raise ToyaccelError(
+            f"{out} already holds a run ({', '.join(found)}); pass --overwrite to replace it, "
+            "--resume latest to continue it, or choose another --output-dir"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ToyaccelError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+    if overwrite and not resuming:
+        for name in found:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        saved["model"]["num_inputs"], saved["model"]["num_outputs"], saved["model"]["hidden"]  # noqa: B018
+    except FileNotFoundError:
+        raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ToyaccelError(f"{path}: not a toyaccel run config ({type(e).__name__}: {e})") from None
+    return saved
+
+
+def load_model(run_dir: str | Path) -> NeuralNetwork:
+    """Rebuild a trained model from ``model.safetensors`` and ``config.json`` (no pickle involved)."""
+    shape = read_run_config(run_dir)["model"]
+    model = NeuralNetwork(shape["num_inputs"], shape["num_outputs"], tuple(shape["hidden"]))
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except FileNotFoundError:
+        raise ToyaccelError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - truncated file, wrong keys or shapes: one line naming the file
+        raise ToyaccelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
+    return model.eval()

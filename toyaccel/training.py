@@ -1,0 +1,354 @@
+"""Training with Accelerate: one loop for CPU, one GPU, and DDP over many processes or machines.
+
+``fit(config)`` is the whole program; the command line and ``accelerate.notebook_launcher`` both
+call it. Nothing in it knows how many processes there are: the Accelerator places the model,
+optimizer and loaders, shards the data and averages the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, broadcast_object_list
+
+from toyaccel.checkpoint import TrainerState, checkpoint_dirs, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from toyaccel.config import TrainConfig
+from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, draw_epoch_seed, load_data
+from toyaccel.errors import ToyaccelError
+from toyaccel.faults import maybe_inject_fault
+from toyaccel.metrics import MetricsLogger
+from toyaccel.model import NeuralNetwork
+from toyaccel.outputs import prepare_output_dir, save_weights, write_json
+from toyaccel.plots import plot_metrics
+
+
+@dataclass
+class RunResult:
+    """What ``fit`` returns; everything but ``history`` is also in ``results.json``."""
+
+    train_accuracy: float
+    train_loss: float
+    val_accuracy: float | None
+    val_loss: float | None
+    final_loss: float | None  # the last logged training loss (mean over processes)
+    world_size: int
+    global_step: int
+    epochs: int
+    global_batch: int
+    samples_per_s: float  # training throughput of this invocation, evaluation excluded
+    distributed_type: str
+    output_dir: str
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # metrics.jsonl records
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "history"}
+
+
+def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
+    """Train as ``toyaccel-train`` does and return the results; raises ToyaccelError on bad input."""
+    config = config or TrainConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    torch.manual_seed(config.seed)  # the book seeds before building the loaders...
+    data = load_data(config)  # bad input fails here, on every process, before anything is written
+    accelerator = build_accelerator(config)
+    try:
+        return train(accelerator, config, data)
+    finally:
+        release(accelerator)
+
+
+def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
+    check_world(accelerator, config)
+    resuming = config.resume is not None or restarted_by_elastic_launch()
+    on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
+    train_loader = build_train_loader(data.train, config, accelerator.num_processes)
+    sampler = train_loader.batch_sampler
+    eval_loaders = {"train": build_eval_loader(data.train, config)}
+    if data.val is not None:
+        eval_loaders["val"] = build_eval_loader(data.val, config)
+
+    torch.manual_seed(config.seed)  # ...and again before building the model
+    model = NeuralNetwork(data.num_features, data.num_classes, config.hidden)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    model, optimizer, train_loader, *prepared = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values()
+    )
+    eval_loaders = dict(zip(eval_loaders, prepared))
+
+    state = start_or_resume(accelerator, config, data, sampler.global_batch, resuming)
+    if accelerator.is_main_process:
+        write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
+    logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, state.global_step if resuming else None)
+    steps_per_epoch = len(data.train) // sampler.global_batch
+    log_every = config.log_every or max(1, steps_per_epoch // 10)
+    final_loss, train_seconds, samples_trained = None, 0.0, 0
+
+    for _ in range(state.epoch, config.epochs):
+        started, first_step = time.perf_counter(), state.global_step
+        loss = train_one_epoch(accelerator, model, optimizer, train_loader, sampler, state, config, logger, log_every)
+        final_loss = loss if loss is not None else final_loss
+        train_seconds += time.perf_counter() - started
+        samples_trained += (state.global_step - first_step) * state.global_batch
+        state.finish_epoch()
+        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+        logger.log(epoch_record(state, metrics))
+        save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
+
+    metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+    result = RunResult(
+        train_accuracy=metrics["train"]["accuracy"],
+        train_loss=metrics["train"]["loss"],
+        val_accuracy=metrics["val"]["accuracy"] if "val" in metrics else None,
+        val_loss=metrics["val"]["loss"] if "val" in metrics else None,
+        final_loss=final_loss if final_loss is not None else last_logged_loss(logger.history),
+        world_size=accelerator.num_processes,
+        global_step=state.global_step,
+        epochs=config.epochs,
+        global_batch=state.global_batch,
+        samples_per_s=samples_trained / train_seconds if train_seconds else 0.0,
+        distributed_type=accelerator.distributed_type.value,
+        output_dir=config.output_dir,
+        history=logger.history,
+    )
+    save_outputs(accelerator, model, config, result)
+    return result
+
+
+def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, config, logger, log_every) -> float | None:
+    """Train on this epoch's batches (the rest of them when resuming); return the last logged loss."""
+    if state.epoch_seed is None:
+        state.epoch_seed = draw_epoch_seed()
+    sampler.start_epoch(state.epoch_seed, state.samples_in_epoch)
+    steps_per_epoch = sampler.num_samples // sampler.global_batch
+    total_steps = config.epochs * steps_per_epoch
+    stepper = optimizer_to_step(accelerator, optimizer)
+    logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
+    model.train()
+    window_loss, window_micro_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    last_loss = None
+    for features, labels in loader:
+        with accelerator.accumulate(model):
+            loss = F.cross_entropy(model(features), labels)
+            accelerator.backward(loss)
+            window_loss += loss.detach()
+            window_micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            lr = learning_rate(config, state.global_step, total_steps)
+            for group in stepper.param_groups:
+                group["lr"] = lr
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
+        state.finish_step()
+        logger.advance()
+        if state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch:
+            # The mean over processes and over the steps since the last log line.
+            last_loss = accelerator.reduce(window_loss, "mean").item() / window_micro_steps
+            seconds = time.perf_counter() - window_start
+            logger.log({
+                "kind": "step", "epoch": state.epoch + 1, "step": state.global_step, "loss": last_loss, "lr": lr,
+                "samples_per_s": window_micro_steps * config.batch_size * accelerator.num_processes / seconds,
+            })  # fmt: skip
+            window_loss.zero_()
+            window_micro_steps, window_start = 0, time.perf_counter()
+        maybe_inject_fault("step", state.global_step, accelerator.process_index)
+        # The last step of an epoch is checkpointed after the epoch's evaluation instead.
+        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+            save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
+            window_start = time.perf_counter()
+    logger.end_epoch()
+    return last_loss
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once."""
+    model.eval()
+    num_classes = None
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    confusion = None
+    for features, labels in loader:
+        logits = model(features)
+        # gather_for_metrics drops the samples accelerate repeated to give every process a full batch.
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        if confusion is None:
+            num_classes = logits.shape[1]
+            confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
+    model.train()
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = int(confusion.sum())
+    return {
+        "loss": loss_sum.item() / count,
+        "accuracy": int(confusion.diag().sum()) / count,
+        "count": count,
+        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
+    }
+
+
+def epoch_record(state: TrainerState, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    record = {"kind": "epoch", "epoch": state.epoch, "step": state.global_step}
+    for name, m in metrics.items():
+        record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
+    return record
+
+
+def last_logged_loss(history: list[dict[str, Any]]) -> float | None:
+    losses = [r["loss"] for r in history if r.get("kind") == "step"]
+    return losses[-1] if losses else None
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The rate for optimizer step ``step`` (0-based). A function of the global step alone, so it is
+    the same on any number of processes (accelerate's prepared schedulers step once per process)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.lr_schedule == "linear":
+        return config.lr * (1.0 - progress)
+    return config.lr
+
+
+def optimizer_to_step(accelerator: Accelerator, optimizer):
+    """The optimizer the loop should call ``step``/``zero_grad`` on.
+
+    AcceleratedOptimizer costs ~50 us a step in package look-ups (shared/notes/perf-findings.md),
+    a third of a small model's step. Its other jobs are the fp16 gradient scaler, XLA, and skipping
+    steps while accumulating; we step only when ``sync_gradients`` is set, so without a scaler or
+    XLA the wrapped optimizer is exactly equivalent.
+    """
+    if accelerator.scaler is None and accelerator.distributed_type != DistributedType.XLA:
+        return optimizer.optimizer
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting up, resuming, finishing
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
+    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        accelerator = Accelerator(
+            cpu=multi_process and not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            dynamo_backend="inductor" if config.compile else None,
+            log_with=config.log_with,
+            project_dir=config.output_dir,
+        )
+    except (ValueError, ImportError, RuntimeError) as e:
+        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
+    if config.log_with:
+        accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
+    return accelerator
+
+
+def check_world(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Refuse setups that would run, but not as asked."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise ToyaccelError(
+            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each process would train alone on all the data; "
+            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        raise ToyaccelError(
+            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type} "
+            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ToyaccelError("fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no")
+
+
+def on_main_process(accelerator: Accelerator, fn, *args) -> None:
+    """Run ``fn`` on the main process only and raise its error on every process, so none waits forever."""
+    message = None
+    if accelerator.is_main_process:
+        try:
+            fn(*args)
+        except ToyaccelError as e:
+            message = str(e)
+    [message] = broadcast_object_list([message])
+    if message:
+        raise ToyaccelError(message)
+
+
+def restarted_by_elastic_launch() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def start_or_resume(accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool) -> TrainerState:
+    state = TrainerState(
+        global_batch=global_batch,
+        world_size=accelerator.num_processes,
+        training=config.training_dict(),
+        model_shape={"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)},
+        data_fingerprint=data.fingerprint(),
+    )
+    if not resuming or (config.resume is None and not checkpoint_dirs(config.output_dir)):
+        return state  # an elastic restart before the first checkpoint starts over
+    path = find_resume_checkpoint(config.output_dir, config.resume or "latest", say=accelerator.print)
+    state = load_checkpoint(accelerator, path, state)
+    accelerator.print(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
+    return state
+
+
+def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> dict[str, Any]:
+    """config.json: enough to rebuild the model and its input scaling without toyaccel's pickles."""
+    return {
+        "config": config.to_dict(),
+        "model": {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)},
+        "data": {
+            "feature_names": data.feature_names,
+            "label_column": config.label_column,
+            "num_classes": data.num_classes,
+            "mean": data.mean,
+            "std": data.std,
+        },
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+
+
+def save_outputs(accelerator: Accelerator, model, config: TrainConfig, result: RunResult) -> None:
+    # Every process takes part: under FSDP the full state dict is gathered from all shards.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_weights(state_dict, f"{config.output_dir}/model.safetensors")
+        write_json(f"{config.output_dir}/results.json", result.to_json())
+        if config.plot and not plot_metrics(result.history, f"{config.output_dir}/loss.png"):
+            accelerator.print("matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
+    accelerator.wait_for_everyone()
+
+
+def release(accelerator: Accelerator) -> None:
+    """Drop everything prepared before the process group goes: gloo runs that exit with the DDP model
+    alive abort one rank now and then (SIGABRT after all work is done). Resetting accelerate's
+    shared state lets a notebook call ``fit`` again with other settings."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
