@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
 from toyaccel.errors import ToyaccelError

@@ -72,7 +72,8 @@ def load_data(config: TrainConfig) -> DataBundle:
     """Training and validation sets for ``config``; raises ToyaccelError for any bad input."""
     if config.data == "toy":
         train = ToyDataset(torch.tensor(TOY_X_TRAIN), torch.tensor(TOY_Y_TRAIN))
-        val = None if config.val_data or config.val_fraction else ToyDataset(torch.tensor(TOY_X_TEST), torch.tensor(TOY_Y_TEST))
+        book_test_set = ToyDataset(torch.tensor(TOY_X_TEST), torch.tensor(TOY_Y_TEST))
+        val = None if config.val_data or config.val_fraction else book_test_set
         names = ["x1", "x2"]
     elif config.data == "synthetic":
         train = synthetic_blobs(config.num_samples, config.num_features, config.num_classes or 2, config.seed)

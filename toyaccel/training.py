@@ -89,7 +89,8 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     state = start_or_resume(accelerator, config, data, sampler.global_batch, resuming)
     if accelerator.is_main_process:
         write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
-    logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, state.global_step if resuming else None)
+    resume_step = state.global_step if resuming else None
+    logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
     steps_per_epoch = len(data.train) // sampler.global_batch
     log_every = config.log_every or max(1, steps_per_epoch // 10)
     final_loss, train_seconds, samples_trained = None, 0.0, 0
@@ -135,7 +136,8 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     stepper = optimizer_to_step(accelerator, optimizer)
     logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
     model.train()
-    window_loss, window_micro_steps, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_micro_steps, window_start = 0, time.perf_counter()
     last_loss = None
     for features, labels in loader:
         with accelerator.accumulate(model):
@@ -166,7 +168,8 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
             window_micro_steps, window_start = 0, time.perf_counter()
         maybe_inject_fault("step", state.global_step, accelerator.process_index)
         # The last step of an epoch is checkpointed after the epoch's evaluation instead.
-        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+        checkpoint_due = config.checkpoint_every and state.global_step % config.checkpoint_every == 0
+        if checkpoint_due and state.step_in_epoch < steps_per_epoch:
             save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
             window_start = time.perf_counter()
     logger.end_epoch()
@@ -271,13 +274,16 @@ def check_world(accelerator: Accelerator, config: TrainConfig) -> None:
             f"({accelerator.distributed_type}): each process would train alone on all the data; "
             "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         raise ToyaccelError(
             f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type} "
             "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ToyaccelError("fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no")
+        raise ToyaccelError(
+            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
+        )
 
 
 def on_main_process(accelerator: Accelerator, fn, *args) -> None:
@@ -297,7 +303,9 @@ def restarted_by_elastic_launch() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def start_or_resume(accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool) -> TrainerState:
+def start_or_resume(
+    accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool
+) -> TrainerState:
     state = TrainerState(
         global_batch=global_batch,
         world_size=accelerator.num_processes,

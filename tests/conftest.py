@@ -1,0 +1,102 @@
+"""Shared helpers: real `accelerate launch` runs in subprocesses, and their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+CONFIGS = REPO / "accelerate_configs"
+BOOK_LOSSES = [0.75, 0.65, 0.44, 0.13, 0.03, 0.00]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per process: several processes share 2 cores in CI.
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"})
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TOYACCEL_FAULT"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def accelerate_launch(
+    config: str,
+    *train_args: str,
+    num_processes: int | None = None,
+    launch_args: tuple[str, ...] = (),
+    script: Path = TRAIN_SCRIPT,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/<config> scripts/train.py ...`, for real."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    cmd += ["--main_process_port", str(free_port())]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += [*launch_args, str(script), "--no-progress", *train_args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["kind"] == "step"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def assert_weights_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
+
+
+def assert_weights_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
+
+
+@pytest.fixture(scope="session")
+def book_run(tmp_path_factory) -> Path:
+    """The default run, launched exactly as the README says, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("book") / "run"
+    check_ok(accelerate_launch("cpu.yaml", "--output-dir", str(out)))
+    return out
