@@ -62,7 +62,8 @@ def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 2
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    output = f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
     return proc
 
 

@@ -20,6 +20,9 @@ TOY_Y_TRAIN = [0, 0, 0, 1, 1]
 TOY_X_TEST = [[-0.8, 2.8], [2.6, -1.6]]
 TOY_Y_TEST = [0, 1]
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_LABEL = 2**31 - 1  # far above any class count; keeps labels clear of int64 overflow
+
 
 class ToyDataset(Dataset):
     """The book's ToyDataset, plus ``__getitems__`` so a DataLoader fetches a whole batch with one
@@ -79,10 +82,10 @@ def load_data(config: TrainConfig) -> DataBundle:
         train = synthetic_blobs(config.num_samples, config.num_features, config.num_classes or 2, config.seed)
         val, names = None, [f"x{i + 1}" for i in range(config.num_features)]
     else:
-        train, names = read_csv(config.data, config.label_column)
+        train, names = read_csv(config.data, config.label_column, config.num_classes)
         val = None
     if config.val_data:
-        val, val_names = read_csv(config.val_data, config.label_column)
+        val, val_names = read_csv(config.val_data, config.label_column, config.num_classes)
         if val_names != names:
             raise ToyaccelError(
                 f"{config.val_data}: feature columns {val_names} differ from the training data's {names}"
@@ -105,51 +108,113 @@ def synthetic_blobs(num_samples: int, num_features: int, num_classes: int, seed:
     return ToyDataset(features, labels)
 
 
-def read_csv(path: str, label_column: str) -> tuple[ToyDataset, list[str]]:
-    """A header row, numeric feature columns and one integer label column."""
-    p = Path(path)
-    if not p.is_file():
-        raise ToyaccelError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
-    try:
-        with p.open(newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ToyaccelError(f"{path}: cannot read as CSV: {e}") from None
-    if not rows or not any(cell.strip() for cell in rows[0]):
-        raise ToyaccelError(f"{path}: file is empty (expected a header row and data rows)")
-    header = [h.strip() for h in rows[0]]
+def read_csv(path: str, label_column: str, num_classes: int | None = None) -> tuple[ToyDataset, list[str]]:
+    """Training data: a header row, an integer label column and numeric feature columns (all the others)."""
+    header, rows = read_rows(path)
     if label_column not in header:
         raise ToyaccelError(f"{path}: no label column '{label_column}' in header {header} (set --label-column)")
-    label_at = header.index(label_column)
-    names = [h for i, h in enumerate(header) if i != label_at]
+    names = [h for h in header if h != label_column]
     if not names:
         raise ToyaccelError(f"{path}: no feature columns besides '{label_column}'")
-    features, labels = [], []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue  # blank lines, e.g. a trailing newline
-        if len(row) != len(header):
-            raise ToyaccelError(f"{path}: row {line_no} has {len(row)} columns, the header has {len(header)}")
-        values = []
-        for col, cell in zip(header, row):
-            try:
-                value = float(cell)
-            except ValueError:
-                raise ToyaccelError(f"{path}: row {line_no}, column '{col}': not a number: {cell.strip()!r}") from None
-            if not math.isfinite(value):
-                raise ToyaccelError(f"{path}: row {line_no}, column '{col}': {cell.strip()} is not a finite number")
-            values.append(value)
-        label = values.pop(label_at)
-        if label != int(label) or label < 0:
-            raise ToyaccelError(
-                f"{path}: row {line_no}, column '{label_column}': label must be a non-negative integer, "
-                f"got {row[label_at].strip()}"
-            )
-        features.append(values)
-        labels.append(int(label))
-    if not labels:
+    features = parse_columns(path, header, rows, names)
+    return ToyDataset(features, parse_labels(path, header, rows, label_column, num_classes)), names
+
+
+def read_csv_columns(
+    path: str, feature_names: list[str], label_column: str | None = None, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The named feature columns (in that order) and, if asked for, the labels; other columns are ignored,
+    so a file for a trained model may carry ids or notes, and may lack the label column for prediction."""
+    header, rows = read_rows(path)
+    missing = [name for name in feature_names if name not in header]
+    if missing:
+        raise ToyaccelError(
+            f"{path}: missing feature column(s) {missing}; the model was trained on columns {feature_names}"
+        )
+    if label_column is not None and label_column not in header:
+        raise ToyaccelError(f"{path}: no label column '{label_column}' in header {header} (set --label-column)")
+    features = parse_columns(path, header, rows, feature_names)
+    labels = parse_labels(path, header, rows, label_column, num_classes) if label_column is not None else None
+    return features, labels
+
+
+def read_rows(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and every non-blank row with its row number as a spreadsheet shows it (the header is
+    row 1), after checking that the file exists, is not empty and that every row has the header's length."""
+    p = Path(path)
+    if not path or not p.is_file():
+        what = "no such file" if not path or not p.exists() else "not a file"
+        raise ToyaccelError(f"{path or repr(path)}: {what} (--data takes toy, synthetic or the path of a CSV file)")
+    rows = []
+    try:
+        # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which would
+        # otherwise become part of the first column's name.
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if any(cell.strip() for cell in row):  # skip blank lines, e.g. a trailing newline
+                    rows.append((reader.line_num, row))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ToyaccelError(f"{path}: cannot read as CSV: {e}") from None
+    if not rows:
+        raise ToyaccelError(f"{path}: file is empty (expected a header row and data rows)")
+    (_, header), rows = rows[0], rows[1:]
+    header = [h.strip() for h in header]
+    for i, name in enumerate(header):
+        if not name:
+            raise ToyaccelError(f"{path}: column {i + 1} of the header has no name")
+        if name in header[:i]:
+            raise ToyaccelError(f"{path}: column name '{name}' appears twice in the header")
+    if not rows:
         raise ToyaccelError(f"{path}: header only, no data rows")
-    return ToyDataset(torch.tensor(features, dtype=torch.float32), torch.tensor(labels)), names
+    for row_no, row in rows:
+        if len(row) != len(header):
+            raise ToyaccelError(f"{path}: row {row_no} has {len(row)} columns, the header has {len(header)}")
+    return header, rows
+
+
+def parse_columns(path: str, header: list[str], rows: list[tuple[int, list[str]]], columns: list[str]) -> torch.Tensor:
+    """The named columns as float32, naming the row and column of the first cell that is not a finite number."""
+    at = [header.index(name) for name in columns]
+    values = []
+    for row_no, row in rows:
+        values.append([parse_number(path, row_no, name, row[i]) for name, i in zip(columns, at)])
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def parse_number(path: str, row_no: int, column: str, cell: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': not a number: {cell.strip()!r}") from None
+    if not math.isfinite(value):
+        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': {cell.strip()} is not a finite number")
+    if abs(value) > FLOAT32_MAX:
+        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': {cell.strip()} is too large for float32")
+    return value
+
+
+def parse_labels(
+    path: str, header: list[str], rows: list[tuple[int, list[str]]], label_column: str, num_classes: int | None
+) -> torch.Tensor:
+    """Class indices 0..num_classes-1, naming the row of the first label that is not one."""
+    at = header.index(label_column)
+    labels = []
+    for row_no, row in rows:
+        cell = row[at].strip()
+        value = parse_number(path, row_no, label_column, cell)
+        where = f"{path}: row {row_no}, column '{label_column}'"
+        if value != int(value) or value < 0:
+            raise ToyaccelError(f"{where}: a label must be a class number 0, 1, 2, ..., got {cell}")
+        if num_classes is not None and value >= num_classes:
+            raise ToyaccelError(
+                f"{where}: label {int(value)} is out of range for num_classes={num_classes} "
+                f"(labels 0..{num_classes - 1})"
+            )
+        if value > MAX_LABEL:
+            raise ToyaccelError(f"{where}: label {cell} is too large to be a class number")
+        labels.append(int(value))
+    return torch.tensor(labels, dtype=torch.int64)
 
 
 def split(ds: ToyDataset, val_fraction: float, seed: int) -> tuple[ToyDataset, ToyDataset]:
@@ -163,14 +228,23 @@ def split(ds: ToyDataset, val_fraction: float, seed: int) -> tuple[ToyDataset, T
 
 
 def check_labels(train: ToyDataset, val: ToyDataset | None, config: TrainConfig) -> int:
-    """The number of classes: given, or one more than the largest label seen."""
+    """The number of classes: given (the CSV readers checked each label against it), or one more than
+    the largest label seen."""
     largest = int(max(train.labels.max(), val.labels.max() if val is not None else 0))
-    if config.num_classes is None:
-        return max(2, largest + 1)
-    if largest >= config.num_classes:
+    if config.num_classes is not None:
+        if largest >= config.num_classes:
+            raise ToyaccelError(f"label {largest} is out of range for num_classes={config.num_classes}")
+        return config.num_classes
+    rows = len(train) + (len(val) if val is not None else 0)
+    if largest + 1 > max(2, rows):
+        # Almost always the wrong column (an id, a year, a price): the model would get one output per
+        # number up to it.
         where = config.data if int(train.labels.max()) == largest else config.val_data or config.data
-        raise ToyaccelError(f"{where}: label {largest} is out of range for num_classes={config.num_classes}")
-    return config.num_classes
+        raise ToyaccelError(
+            f"{where}: the largest label, {largest}, would mean {largest + 1} classes for {rows} rows; labels must "
+            f"be class numbers 0..K-1 (check --label-column, or set --num-classes if this is intended)"
+        )
+    return max(2, largest + 1)
 
 
 def standardize(bundle: DataBundle) -> None:

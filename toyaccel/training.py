@@ -70,9 +70,10 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
 
 def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
     check_world(accelerator, config)
+    accelerator.print(describe(config, accelerator))
+    train_loader = build_train_loader(data.train, config, accelerator.num_processes)
     resuming = config.resume is not None or restarted_by_elastic_launch()
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
-    train_loader = build_train_loader(data.train, config, accelerator.num_processes)
     sampler = train_loader.batch_sampler
     eval_loaders = {"train": build_eval_loader(data.train, config)}
     if data.val is not None:
@@ -319,6 +320,15 @@ def start_or_resume(
     state = load_checkpoint(accelerator, path, state)
     accelerator.print(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
     return state
+
+
+def describe(config: TrainConfig, accelerator: Accelerator) -> str:
+    """The resolved config in one line, printed once so a log says what produced it."""
+    options = " ".join(f"{k}={v}" for k, v in config.to_dict().items())
+    return (
+        f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | {options}"
+    )
 
 
 def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> dict[str, Any]:
