@@ -101,3 +101,11 @@ def book_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("book") / "run"
     check_ok(accelerate_launch("cpu.yaml", "--output-dir", str(out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """The book's run as real 2-process DDP: 2 processes x batch 1, the same global batch as book_run."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    check_ok(accelerate_launch("multi_cpu.yaml", "--batch-size", "1", "--output-dir", str(out)))
+    return out

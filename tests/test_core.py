@@ -159,8 +159,8 @@ def test_plain_python_and_fit_give_the_launched_runs_weights(book_run, tmp_path)
 # --- real DDP ----------------------------------------------------------------------------------------
 
 
-def test_two_processes_are_one_ddp_world_equal_to_one_process_with_the_global_batch(book_run, tmp_path):
-    check_ok(accelerate_launch("multi_cpu.yaml", "--batch-size", "1", "--output-dir", str(tmp_path)))
+def test_two_processes_are_one_ddp_world_equal_to_one_process_with_the_global_batch(book_run, ddp_run):
+    tmp_path = ddp_run
     results = read_json(tmp_path / "results.json")
     # N silent single-process copies would report world_size 1 and train on batches of 1.
     assert results["world_size"] == 2 and results["distributed_type"] == "MULTI_CPU"
