@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
 
 from toyaccel.checkpoint import TrainerState, checkpoint_dirs, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from toyaccel.config import TrainConfig
@@ -74,6 +74,8 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     train_loader = build_train_loader(data.train, config, accelerator.num_processes)
     resuming = config.resume is not None or restarted_by_elastic_launch()
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
+    if config.log_with:
+        accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
     eval_loaders = {"train": build_eval_loader(data.train, config)}
     if data.val is not None:
@@ -257,12 +259,12 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             gradient_accumulation_steps=config.grad_accum,
             dynamo_backend="inductor" if config.compile else None,
             log_with=config.log_with,
-            project_dir=config.output_dir,
+            project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"
+            ),
         )
     except (ValueError, ImportError, RuntimeError) as e:
         raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
-    if config.log_with:
-        accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     return accelerator
 
 
@@ -352,6 +354,9 @@ def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelera
 def save_outputs(accelerator: Accelerator, model, config: TrainConfig, result: RunResult) -> None:
     # Every process takes part: under FSDP the full state dict is gathered from all shards.
     state_dict = accelerator.get_state_dict(model)
+    # get_state_dict keeps torch.compile's wrapper, whose keys carry "_orig_mod."; the saved file
+    # must have the plain model's keys whatever --compile was.
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         save_weights(state_dict, f"{config.output_dir}/model.safetensors")
         write_json(f"{config.output_dir}/results.json", result.to_json())
