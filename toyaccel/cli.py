@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,12 +59,17 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def run_cli(main: Callable[[], Any]) -> int:
-    """Run ``main``; print a ToyaccelError as one line (from one process only) and return 2."""
+    """Run ``main``; print a ToyaccelError as one line (once, from rank 0, in a launch) and return 2."""
     try:
         main()
     except ToyaccelError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") != "0":
+            # Every process raises the same error, and the launcher kills the others as soon as one exits:
+            # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
+            time.sleep(10)
+        # One write: print() writes the newline separately, and other processes share this stderr.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -77,6 +83,58 @@ def train_main(argv: list[str] | None = None) -> int:
     def main() -> None:
         config = parse_train_args(argv)
         fit(config)
+
+    return run_cli(main)
+
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="toyaccel-evaluate",
+        description="Loss, accuracy and confusion matrix of a trained run (reads model.safetensors and config.json; "
+        "works under accelerate launch, with metrics over all processes).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a training run")
+    parser.add_argument(
+        "--data",
+        help="'toy' (the book's test set) or a CSV file with the model's feature columns and a label column "
+        "(default: the run's own validation set, as in results.json)",
+    )
+    parser.add_argument("--label-column", help="CSV column holding the class (default: the one used in training)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per process per batch (default: 256)")
+
+    def main() -> None:
+        from toyaccel.inference import evaluate_run, format_evaluation
+
+        args = parser.parse_args(argv)
+        metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size)
+        if os.environ.get("RANK", "0") == "0":
+            print(format_evaluation(metrics), flush=True)
+
+    return run_cli(main)
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="toyaccel-predict",
+        description="Class probabilities from a trained run for every row of a CSV file "
+        "(reads model.safetensors and config.json).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a training run")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="CSV file with the model's feature columns (other columns, a label among them, are ignored), or 'toy'",
+    )
+    parser.add_argument("--output", required=True, help="CSV file to write: predicted,prob_0,prob_1,...")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+    def main() -> None:
+        from toyaccel.inference import predict_file
+
+        args = parser.parse_args(argv)
+        rows = predict_file(args.run_dir, args.data, args.output, args.overwrite)
+        print(f"wrote {rows} predictions to {args.output}", flush=True)
 
     return run_cli(main)
 

@@ -40,8 +40,11 @@ class MetricsLogger:
 
     def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
         if self.show_progress:
-            from tqdm.auto import tqdm
-
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # an optional extra (pip install 'toyaccel[progress]'); the log lines suffice
+                self.show_progress = False
+                return
             self.bar = tqdm(
                 total=total_steps, initial=done_steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
             )

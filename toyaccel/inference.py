@@ -1,0 +1,207 @@
+"""Evaluate and predict with a saved run, reading only ``model.safetensors`` and ``config.json`` (no pickle).
+
+``evaluate_run`` runs under ``accelerate launch`` like training does: every process scores its shard and
+``gather_for_metrics`` makes the loss, accuracy and confusion matrix those of the whole data set.
+``predict_file`` is a single process job: the model is small and the output is one file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toyaccel.config import TrainConfig, build_config
+from toyaccel.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data, read_csv_columns
+from toyaccel.errors import ToyaccelError
+from toyaccel.model import NeuralNetwork
+from toyaccel.outputs import load_model, read_run_config, write_atomic
+
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class SavedRun:
+    """A trained model and what ``config.json`` says about the data it expects."""
+
+    run_dir: str
+    model: NeuralNetwork
+    saved: dict[str, Any]  # config.json
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        return self.saved.get("data", {})
+
+    @property
+    def num_inputs(self) -> int:
+        return self.saved["model"]["num_inputs"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.saved["model"]["num_outputs"]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.data_info.get("feature_names") or [f"x{i + 1}" for i in range(self.num_inputs)]
+
+    @property
+    def label_column(self) -> str:
+        return self.data_info.get("label_column") or "label"
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """The training run's feature scaling, from the mean and std it saved."""
+        return apply_standardization(features, self.data_info.get("mean"), self.data_info.get("std"))
+
+
+def load_run(run_dir: str | Path) -> SavedRun:
+    saved = read_run_config(run_dir)
+    return SavedRun(str(run_dir), load_model(run_dir), saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data to score
+
+
+def evaluation_data(run: SavedRun, data: str | None, label_column: str | None = None) -> tuple[ToyDataset, str]:
+    """Labelled rows for ``run`` (standardized as in training) and a few words saying what they are.
+
+    ``data``: None for the run's own validation set (what ``results.json`` reports), ``toy`` for the
+    book's test set, or a CSV path with the model's feature columns and a label column.
+    """
+    if data is None:
+        features, labels = run_validation_set(run)
+        description = "the run's validation set"
+    elif data == "toy":
+        features, labels = book_test_features(run), torch.tensor(TOY_Y_TEST)
+        description = "the book's test set"
+    elif data == "synthetic":
+        raise ToyaccelError(
+            "--data synthetic: leave out --data to evaluate on the run's own validation rows (a synthetic run "
+            "has them when trained with --val-fraction), or pass a CSV file"
+        )
+    else:
+        features, labels = read_csv_columns(data, run.feature_names, label_column or run.label_column, run.num_classes)
+        description = data
+    return ToyDataset(run.standardize(features), labels), f"{description} ({labels.shape[0]} rows)"
+
+
+def run_validation_set(run: SavedRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebuild the run's validation rows from its saved options, unscaled (the saved scaling is applied after)."""
+    options = {k: v for k, v in run.saved.get("config", {}).items() if k in TrainConfig.TRAINING_FIELDS}
+    config = build_config(None, **{**options, "standardize": False})
+    bundle = load_data(config)
+    if bundle.val is None:
+        raise ToyaccelError(
+            f"{run.run_dir} was trained without validation data; pass --data toy or --data FILE.csv to evaluate"
+        )
+    return bundle.val.features, bundle.val.labels
+
+
+def book_test_features(run: SavedRun) -> torch.Tensor:
+    if run.num_inputs != len(TOY_X_TEST[0]):
+        raise ToyaccelError(
+            f"--data toy: the book's test set has {len(TOY_X_TEST[0])} features, the model in {run.run_dir} "
+            f"takes {run.num_inputs}"
+        )
+    return torch.tensor(TOY_X_TEST)
+
+
+def prediction_features(run: SavedRun, data: str) -> torch.Tensor:
+    """Feature rows to predict on (standardized as in training); a label column may be present or not."""
+    if data == "toy":
+        return run.standardize(book_test_features(run))
+    features, _ = read_csv_columns(data, run.feature_names)
+    return run.standardize(features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate
+
+
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
+    from toyaccel.training import build_accelerator, check_world, release  # accelerate is slow to import
+
+    config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
+    # Bad input fails here, on every process, before any process waits for another.
+    run = load_run(run_dir)
+    dataset, description = evaluation_data(run, data, label_column)
+    accelerator = build_accelerator(config)
+    try:
+        check_world(accelerator, config)
+        metrics = evaluate_prepared(accelerator, run.model, dataset, config)
+    finally:
+        release(accelerator)
+    return {"data": description, **metrics}
+
+
+def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
+    # Its own function so the prepared (DDP) model is gone before release() ends the process group.
+    from toyaccel.data import build_eval_loader
+    from toyaccel.training import evaluate
+
+    model, loader = accelerator.prepare(model, build_eval_loader(dataset, config, config.batch_size))
+    return evaluate(accelerator, model, loader)
+
+
+def format_evaluation(metrics: dict[str, Any]) -> str:
+    """``loss 0.016851 | accuracy 1.000 (2/2)`` and the confusion matrix, rows true and columns predicted."""
+    confusion = metrics["confusion"]
+    correct = sum(confusion[i][i] for i in range(len(confusion)))
+    width = max(6, *(len(str(v)) for row in confusion for v in row))
+    lines = [
+        f"evaluated on {metrics['data']}",
+        f"loss {metrics['loss']:.6f} | accuracy {metrics['accuracy']:.4f} ({correct}/{metrics['count']})",
+        "confusion matrix (rows: true class, columns: predicted class):",
+        " " * 8 + "".join(f"{'pred ' + str(j):>{width + 2}}" for j in range(len(confusion))),
+    ]
+    for i, row in enumerate(confusion):
+        lines.append(f"{'true ' + str(i):<8}" + "".join(f"{v:>{width + 2}}" for v in row))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict
+
+
+@torch.no_grad()
+def class_probabilities(model: NeuralNetwork, features: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(model(features).double(), dim=1)
+
+
+def predict_file(run_dir: str | Path, data: str, output: str | Path, overwrite: bool = False) -> int:
+    """Write ``predicted,prob_0,...`` for every data row of ``data`` to ``output``; return the row count."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ToyaccelError(
+            "predict runs in one process: start it with python or toyaccel-predict, not a multi-process launch"
+        )
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ToyaccelError(f"{output} already exists; pass --overwrite to replace it")
+    if output.is_dir():
+        raise ToyaccelError(f"{output} is a directory; --output takes a file name")
+    run = load_run(run_dir)
+    probabilities = class_probabilities(run.model, prediction_features(run, data))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, lambda p: Path(p).write_text(predictions_csv(probabilities)))
+    except OSError as e:
+        raise ToyaccelError(f"cannot write {output}: {e.strerror or e}") from None
+    return probabilities.shape[0]
+
+
+def predictions_csv(probabilities: torch.Tensor) -> str:
+    """One row per input row: the most probable class, then each class's probability (9 digits: float32's)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["predicted", *(f"prob_{k}" for k in range(probabilities.shape[1]))])
+    for predicted, row in zip(probabilities.argmax(dim=1).tolist(), probabilities.tolist()):
+        writer.writerow([predicted, *(f"{p:.9g}" for p in row)])
+    return buffer.getvalue()
