@@ -101,7 +101,8 @@ class CeilingLoop:
         self.model, self.optimizer = seeded_model(hidden, device)
         order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(SEED))
         order = order[: labels.shape[0] // batch_size * batch_size]
-        self.batches = list(zip(features[order].to(device).split(batch_size), labels[order].to(device).split(batch_size)))
+        features, labels = features[order].to(device), labels[order].to(device)
+        self.batches = list(zip(features.split(batch_size), labels.split(batch_size)))
 
     def epoch(self) -> int:
         model, optimizer = self.model, self.optimizer
@@ -199,25 +200,29 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(loop, device) -> tuple[int, float]:
+def timed(loop, device) -> tuple[int, float, float]:
+    """Samples, wall seconds and this process's CPU seconds of one epoch."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     samples = loop.epoch()
     synchronize(device)
-    return samples, time.perf_counter() - start
+    return samples, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def measure(loops: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Samples/s of each repeat of each loop; the loops take turns so load changes hit them alike."""
+def measure(loops: dict, device, warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Samples per wall second and per CPU second of each repeat of each loop. The loops take turns,
+    so a busy neighbour slows them all alike; CPU time leaves out the time other processes took the
+    core, which makes single-process figures steadier on a shared machine."""
     for _ in range(warmup):
         for loop in loops.values():
             timed(loop, device)
-    rates = {name: [] for name in loops}
+    wall, cpu = {name: [] for name in loops}, {name: [] for name in loops}
     for _ in range(repeats):
         for name, loop in loops.items():
-            samples, seconds = timed(loop, device)
-            rates[name].append(samples / seconds)
-    return rates
+            samples, seconds, cpu_seconds = timed(loop, device)
+            wall[name].append(samples / seconds)
+            cpu[name].append(samples / max(cpu_seconds, 1e-9))
+    return wall, cpu
 
 
 def flops_per_sample(hidden) -> int:
@@ -227,13 +232,13 @@ def flops_per_sample(hidden) -> int:
     return 6 * sum(layers) - 2 * layers[0]
 
 
-def summary(rates: list[float]) -> dict:
-    median = statistics.median(rates)
-    return {
-        "samples_per_s": median,
-        "repeats": rates,
-        "spread": (max(rates) - min(rates)) / median,  # (max - min) / median: how noisy the repeats were
-    }
+def summary(wall: list[float], cpu: list[float] | None = None) -> dict:
+    """Median samples/s of the repeats, and how noisy they were: spread = (max - min) / median."""
+    out = {"samples_per_s": statistics.median(wall), "repeats": wall,
+           "spread": (max(wall) - min(wall)) / statistics.median(wall)}  # fmt: skip
+    if cpu:
+        out.update(samples_per_cpu_s=statistics.median(cpu), repeats_cpu=cpu)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,22 +252,34 @@ def loop_group(features, labels, model_name, hidden, batch_size, device, args, w
         "ceiling": CeilingLoop(features, labels, hidden, batch_size, device),
     }
     large = model_name == "large"
-    if large:
+    if large:  # measured between the same repeats, so the peak sees the same neighbours
         loops["matmul_peak"] = MatmulPeak(max(hidden), device)
     try:
-        rates = measure(loops, device, args.warmup, args.repeats_large if large else args.repeats)
+        wall, cpu = measure(loops, device, args.warmup, args.repeats_large if large else args.repeats)
     finally:
         loops["toyaccel"].close()
+    if device != "cpu":
+        cpu = {name: None for name in loops}  # CPU time says nothing about a GPU's throughput
     rows = []
     for name in LOOPS:
         row = {"model": model_name, "hidden": list(hidden), "device": device, "processes": 1, "batch_size": batch_size}
-        row.update(loop=name, samples=labels.shape[0], launched=False, **summary(rates[name]))
+        row.update(loop=name, samples=labels.shape[0], launched=False, **summary(wall[name], cpu[name]))
         row["gflops"] = row["samples_per_s"] * flops_per_sample(hidden) / 1e9
         rows.append(row)
     if large:
-        peak = [r * loops["matmul_peak"].flops_per_product / 1e9 for r in rates["matmul_peak"]]
-        rows.append({"model": "matmul_peak", "size": max(hidden), "device": device, "batch_size": batch_size,
-                     "loop": "matmul_peak", "gflops": statistics.median(peak), "repeats_gflops": peak})  # fmt: skip
+        to_gflops = loops["matmul_peak"].flops_per_product / 1e9
+        peak = {"model": "matmul", "size": max(hidden), "device": device, "processes": 1, "batch_size": batch_size}
+        peak.update(loop="matmul_peak", launched=False, **summary(wall["matmul_peak"], cpu["matmul_peak"]))
+        peak["gflops"] = peak["samples_per_s"] * to_gflops
+        for row in rows:
+            row["of_matmul_peak"] = row["gflops"] / peak["gflops"]
+            if cpu["matmul_peak"]:
+                row["of_matmul_peak_cpu"] = (
+                    row["samples_per_cpu_s"]
+                    / (peak["samples_per_cpu_s"] * to_gflops)
+                    * (flops_per_sample(hidden) / 1e9)
+                )
+        rows.append(peak)
     return rows
 
 
@@ -300,7 +317,7 @@ def worker_main(spec: dict, output: str) -> None:
         loop = ToyaccelLoop(features, labels, tuple(spec["hidden"]), batch_size, spec["device"],
                             f"{spec['output_dir']}/{batch_size}")  # fmt: skip
         try:
-            rates = measure({"toyaccel": loop}, spec["device"], spec["warmup"], spec["repeats"])["toyaccel"]
+            rates = measure({"toyaccel": loop}, spec["device"], spec["warmup"], spec["repeats"])[0]["toyaccel"]
             world_size, is_main = loop.accelerator.num_processes, loop.accelerator.is_main_process
         finally:
             loop.close()
@@ -335,33 +352,33 @@ def ddp_rows(args, device: str) -> list[dict]:
 
 
 def time_to_first_step(work_dir: str, repeats: int, timeout: float) -> dict:
-    """Wall time from starting `python scripts/train.py` (fresh output dir) to its 'step 1' log line."""
+    """Wall time from starting `python scripts/train.py` (fresh output dir) to its 'step 1' log line.
+    The run is stopped there: what comes after is the training this script measures above."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU", "OMP_NUM_THREADS"):
         env.pop(key, None)
-    first, total = [], []
-    for i in range(repeats):
-        out = f"{work_dir}/startup-{i}"
-        with open(f"{work_dir}/startup-{i}.err", "w+") as err:
-            start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--output-dir", out,
-                                     "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err,
-                                    text=True)  # fmt: skip
-            seen = None
-            for line in proc.stdout:
-                if seen is None and FIRST_STEP_LINE.search(line):
-                    seen = time.perf_counter() - start
-            proc.wait(timeout=timeout)
-            total.append(time.perf_counter() - start)
-            if proc.returncode != 0 or seen is None:
-                err.seek(0)
-                raise RuntimeError(f"scripts/train.py failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
-            first.append(seen)
+    first = [first_step_seconds(f"{work_dir}/startup-{i}", env, timeout) for i in range(repeats)]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, accelerate"], env=env, check=True, timeout=timeout)
-    imports = time.perf_counter() - start
     return {"first_step_s": statistics.median(first), "first_step_repeats_s": first,
-            "total_s": statistics.median(total), "import_torch_accelerate_s": imports}  # fmt: skip
+            "import_torch_accelerate_s": time.perf_counter() - start}  # fmt: skip
+
+
+def first_step_seconds(output_dir: str, env: dict, timeout: float) -> float:
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--output-dir", output_dir, "--no-progress"]
+    with open(f"{output_dir}.stderr", "w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            for line in proc.stdout:
+                if FIRST_STEP_LINE.search(line):
+                    return time.perf_counter() - start
+            proc.wait(timeout=timeout)
+            err.seek(0)
+            raise RuntimeError(f"scripts/train.py logged no first step (exit {proc.returncode}):\n{err.read()[-3000:]}")
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,90 +398,110 @@ def find(rows, **match) -> dict | None:
     return None
 
 
-def ratios(rows: list[dict], device: str, ddp_batch: int | None) -> dict:
-    """The issue's target ratios from this run's medians (None where a row was not measured)."""
-
-    def rate(**match):
-        row = find(rows, device=device, **match)
-        return row and row.get("samples_per_s")
-
-    def div(a, b):
-        return a / b if a and b else None
-
-    b256 = {"model": "book", "batch_size": 256, "processes": 1}
-    peaks = [r["gflops"] for r in rows if r["loop"] == "matmul_peak" and r["device"] == device]
-    large = [r for r in rows if r["model"] == "large" and r["loop"] == "toyaccel" and r["device"] == device
-             and r.get("launched") is False]  # fmt: skip
-    best_large = max(large, key=lambda r: r["gflops"]) if large else None
-    out = {
-        "toyaccel_vs_book_b256": div(rate(loop="toyaccel", **b256), rate(loop="book", **b256)),
-        "toyaccel_vs_ceiling_b256": div(rate(loop="toyaccel", **b256), rate(loop="ceiling", **b256)),
-        "large_mlp_vs_matmul_peak": div(best_large and best_large["gflops"], max(peaks) if peaks else None),
-        "large_mlp_vs_matmul_peak_batch": best_large and best_large["batch_size"],
-        "matmul_peak_gflops": max(peaks) if peaks else None,
-    }
-    launched = [r for r in rows if r.get("launched") and r["device"] == device and r["batch_size"] == ddp_batch]
-    if launched:
-        one = find(launched, processes=1)
-        many = next((r for r in launched if r["processes"] > 1), None)
-        out["ddp2_vs_1_process"] = div(many and many["samples_per_s"], one and one["samples_per_s"])
-        out["ddp_batch_per_process"] = ddp_batch
+def ratios(rows: list[dict], device: str) -> dict:
+    """The issue's target ratios from this run's medians; ``*_cpu``: the same from CPU time."""
+    out = {}
+    for clock in ("samples_per_s", "samples_per_cpu_s"):
+        suffix = "" if clock == "samples_per_s" else "_cpu"
+        at_256 = {loop: find(rows, device=device, model="book", batch_size=256, loop=loop, launched=False)
+                  for loop in LOOPS}  # fmt: skip
+        if all(at_256.values()) and at_256["toyaccel"].get(clock):
+            toyaccel = at_256["toyaccel"][clock]
+            out["toyaccel_vs_book_b256" + suffix] = toyaccel / at_256["book"][clock]
+            out["toyaccel_vs_ceiling_b256" + suffix] = toyaccel / at_256["ceiling"][clock]
+        large = [r for r in rows if r["device"] == device and r["model"] == "large" and r["loop"] == "toyaccel"
+                 and not r["launched"] and r.get("of_matmul_peak" + suffix)]  # fmt: skip
+        if large:
+            best = max(large, key=lambda r: r["of_matmul_peak" + suffix])
+            out["large_mlp_vs_matmul_peak" + suffix] = best["of_matmul_peak" + suffix]
+            out["large_mlp_vs_matmul_peak_batch" + suffix] = best["batch_size"]
+    peaks = [r["gflops"] for r in rows if r["device"] == device and r["loop"] == "matmul_peak"]
+    if peaks:
+        out["matmul_peak_gflops"] = max(peaks)
+    for batch_size, one, many in ddp_pairs(rows, device):
+        out[f"ddp{many['processes']}_vs_1_process_b{batch_size}"] = many["samples_per_s"] / one["samples_per_s"]
+        out["ddp2_vs_1_process"] = many["samples_per_s"] / one["samples_per_s"]  # the largest batch's
+        out["ddp_batch_per_process"] = batch_size
     return out
+
+
+def ddp_pairs(rows: list[dict], device: str) -> list[tuple[int, dict, dict]]:
+    """(batch per process, 1-process row, N-process row) of the launched runs, smallest batch first."""
+    launched = [r for r in rows if r["device"] == device and r["launched"]]
+    pairs = []
+    for batch_size in sorted({r["batch_size"] for r in launched}):
+        one = find(launched, batch_size=batch_size, processes=1)
+        many = next((r for r in launched if r["batch_size"] == batch_size and r["processes"] > 1), None)
+        if one and many:
+            pairs.append((batch_size, one, many))
+    return pairs
 
 
 def fmt_rate(rate) -> str:
     return "-" if rate is None else f"{rate / 1000:,.1f}k"
 
 
+def loop_table(rows: list[dict], device: str, batch_sizes: list[int]) -> list[str]:
+    lines = ["| model (hidden) | batch | book loop | toyaccel | ceiling | toyaccel / book | toyaccel / ceiling "
+             "| toyaccel GFLOP/s | of matmul peak | noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for model in ("book", "large"):
+        for b in batch_sizes:
+            got = {loop: find(rows, device=device, model=model, batch_size=b, loop=loop, launched=False)
+                   for loop in LOOPS}  # fmt: skip
+            if not all(got.values()):
+                continue
+            rate = {loop: row["samples_per_s"] for loop, row in got.items()}
+            toyaccel = got["toyaccel"]
+            of_peak = toyaccel.get("of_matmul_peak")
+            lines.append(
+                f"| {model} ({','.join(map(str, toyaccel['hidden']))}) | {b} | {fmt_rate(rate['book'])} "
+                f"| {fmt_rate(rate['toyaccel'])} | {fmt_rate(rate['ceiling'])} "
+                f"| {rate['toyaccel'] / rate['book']:.2f}x | {rate['toyaccel'] / rate['ceiling']:.2f} "
+                f"| {toyaccel['gflops']:.1f} | {'-' if of_peak is None else f'{of_peak:.2f}'} "
+                f"| {max(got[loop]['spread'] for loop in LOOPS):.0%} |"
+            )
+    return lines
+
+
+def ddp_table(rows: list[dict], device: str) -> list[str]:
+    lines = ["| batch per process | 1 process | 2 processes | speed-up | noise 1 / 2 |", "|---:|---:|---:|---:|---:|"]
+    for b, one, many in ddp_pairs(rows, device):
+        lines.append(
+            f"| {b} | {fmt_rate(one['samples_per_s'])} | {fmt_rate(many['samples_per_s'])} "
+            f"| {many['samples_per_s'] / one['samples_per_s']:.2f}x | {one['spread']:.0%} / {many['spread']:.0%} |"
+        )
+    return lines
+
+
 def table(result: dict) -> str:
     rows, lines = result["rows"], []
     for device in result["devices"]:
+        lines += [f"\n{device}, one process, one thread: samples/s, median of the repeats (noise: the largest "
+                  "(max - min) / median of the row's three loops)", ""]  # fmt: skip
+        lines += loop_table(rows, device, result["batch_sizes"])
         peak = result["ratios"][device].get("matmul_peak_gflops")
-        lines += [f"\n{device}, 1 process, {result['threads']} thread(s): samples/s (median of repeats; spread = "
-                  "(max-min)/median of the toyaccel repeats)", "",
-                  "| model | batch | book loop | toyaccel | ceiling | toyaccel / book | toyaccel / ceiling "
-                  "| toyaccel GFLOP/s | of matmul peak | spread |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for model in ("book", "large"):
-            for b in result["batch_sizes"]:
-                got = {loop: find(rows, device=device, model=model, batch_size=b, loop=loop, launched=False)
-                       for loop in LOOPS}  # fmt: skip
-                if not got["toyaccel"]:
-                    continue
-                rate = {k: v and v["samples_per_s"] for k, v in got.items()}
-                of_peak = got["toyaccel"]["gflops"] / peak if model == "large" and peak else None
-                lines.append(
-                    f"| {model} ({','.join(map(str, got['toyaccel']['hidden']))}) | {b} | {fmt_rate(rate['book'])} "
-                    f"| {fmt_rate(rate['toyaccel'])} | {fmt_rate(rate['ceiling'])} "
-                    f"| {rate['toyaccel'] / rate['book']:.2f}x | {rate['toyaccel'] / rate['ceiling']:.2f} "
-                    f"| {got['toyaccel']['gflops']:.1f} | {'-' if of_peak is None else f'{of_peak:.2f}'} "
-                    f"| {got['toyaccel']['spread']:.0%} |"
-                )
         if peak:
-            lines.append(f"\nmatmul peak ({device}, {result['threads']} thread(s)): {peak:.1f} GFLOP/s")
-        ddp = [r for r in rows if r["device"] == device and r.get("launched")]
-        if ddp:
-            lines += ["", f"DDP, large MLP, toyaccel loop, {device} (one thread per process):", "",
-                      "| batch per process | 1 process | 2 processes | speed-up | spread 1 / 2 |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
-            for b in sorted({r["batch_size"] for r in ddp}):
-                one = find(ddp, batch_size=b, processes=1)
-                many = next((r for r in ddp if r["batch_size"] == b and r["processes"] > 1), None)
-                if one and many:
-                    lines.append(f"| {b} | {fmt_rate(one['samples_per_s'])} | {fmt_rate(many['samples_per_s'])} "
-                                 f"| {many['samples_per_s'] / one['samples_per_s']:.2f}x "
-                                 f"| {one['spread']:.0%} / {many['spread']:.0%} |")  # fmt: skip
+            lines.append(f"\nmatmul peak ({device}, one thread): {peak:.1f} GFLOP/s")
+        if ddp_pairs(rows, device):
+            lines += ["", f"DDP, large MLP, toyaccel loop, {device}, one thread per process:", ""]
+            lines += ddp_table(rows, device)
     startup = result.get("startup")
     if startup:
-        lines.append(f"\nstart-up: first training step of `python scripts/train.py` after {startup['first_step_s']:.2f} s "
-                     f"(whole run {startup['total_s']:.2f} s; `import torch, accelerate` alone "
-                     f"{startup['import_torch_accelerate_s']:.2f} s)")  # fmt: skip
-    lines.append("\ntargets (ratios of this run's medians):")
+        lines.append(
+            f"\nstart-up: `python scripts/train.py` logged its first step after {startup['first_step_s']:.2f} s "
+            f"(`python -c 'import torch, accelerate'` alone: {startup['import_torch_accelerate_s']:.2f} s)"
+        )
+    lines.append("\ntargets (ratios of this run's medians; in brackets: the same from CPU time):")
     for device in result["devices"]:
+        got = result["ratios"][device]
         for name, target in TARGETS.items():
-            got = result["ratios"][device].get(name)
-            if got is not None:
-                verdict = "met" if got >= target else "MISSED"
-                lines.append(f"  {device} {name}: {got:.2f} (target >= {target}) {verdict}")
+            if got.get(name) is None:
+                continue
+            cpu = got.get(name + "_cpu")
+            verdict = "met" if got[name] >= target else "MISSED"
+            lines.append(f"  {device} {name}: {got[name]:.2f}{'' if cpu is None else f' ({cpu:.2f})'} "
+                         f"target >= {target}: {verdict}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -541,7 +578,7 @@ def main(argv=None) -> int:
             if args.ddp and (device == "cpu" or torch.cuda.device_count() > 1):
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)
                 result["rows"] += ddp_rows(args, device)
-            result["ratios"][device] = ratios(result["rows"], device, args.ddp_batch_sizes[-1] if args.ddp else None)
+            result["ratios"][device] = ratios(result["rows"], device)
         if args.startup:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)

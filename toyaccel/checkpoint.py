@@ -84,11 +84,13 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+        if sync:  # accelerate does not fsync what it writes; the manifest must not outlive the data
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -96,8 +98,6 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
     """Write a checkpoint of the current step; every process must call this."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{state.global_step}"
-    if final.exists():  # an epoch end that is also a --checkpoint-every step
-        return final
     tmp = root / f".tmp-step_{state.global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
@@ -110,15 +110,27 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
         # Every process holds the same global RNG state (same seed, same draws), so one copy serves
         # any number of processes on resume, including a different number.
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": manifest})
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(tmp.iterdir())}
+        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
+        _move_into_place(tmp, final)
         if keep_last:
             for old in checkpoint_dirs(output_dir)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``. A run resumed from an older checkpoint meets the
+    folders of its crashed attempt again; those may be damaged, so they are replaced, not kept.
+    A crash between the two renames leaves only the older checkpoints, which are whole."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,24 +144,29 @@ def _fsync_dir(path: Path) -> None:
 def verify_checkpoint(path: str | Path) -> TrainerState:
     """Read a checkpoint's state and check every file against its manifest, or say which file is bad."""
     path = Path(path)
-    state_file = path / STATE_FILE
     if not path.is_dir():
         raise ToyaccelError(f"checkpoint {path}: no such directory")
-    try:
-        raw = json.loads(state_file.read_text())
-        files = raw.pop("files")
-        state = TrainerState(**raw)
-    except FileNotFoundError:
-        raise ToyaccelError(f"{state_file}: missing (incomplete checkpoint)") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
-    for name, expected in files.items():
+    state, manifest = _read_state(path / STATE_FILE)
+    for name, (size, digest) in manifest.items():
         f = path / name
         if not f.is_file():
             raise ToyaccelError(f"{f}: missing from checkpoint")
-        if f.stat().st_size != expected["bytes"] or _sha256(f) != expected["sha256"]:
+        if f.stat().st_size != size or _sha256(f) != digest:
             raise ToyaccelError(f"{f}: damaged (size or checksum differs from {STATE_FILE})")
     return state
+
+
+def _read_state(state_file: Path) -> tuple[TrainerState, dict[str, tuple[int, str]]]:
+    try:
+        raw = json.loads(state_file.read_text())
+        manifest = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in raw.pop("files").items()}
+        return TrainerState(**raw), manifest
+    except FileNotFoundError:
+        raise ToyaccelError(f"{state_file}: missing (incomplete checkpoint)") from None
+    except OSError as e:
+        raise ToyaccelError(f"{state_file}: cannot read: {e.strerror or e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
 
 
 def find_resume_checkpoint(output_dir: str, resume: str, say=print) -> Path:
@@ -171,7 +188,7 @@ def load_checkpoint(accelerator, path: Path, expected: TrainerState) -> TrainerS
     state = verify_checkpoint(path)
     diffs = state.differences(expected)
     if diffs:
-        raise ToyaccelError(f"cannot resume from {path}: it was trained differently: {'; '.join(diffs)}")
+        raise ToyaccelError(f"{path / STATE_FILE}: cannot resume, this run differs from it: {'; '.join(diffs)}")
     try:
         accelerator.load_state(str(path))
         torch.set_rng_state(load_file(str(path / RNG_FILE))["torch"])

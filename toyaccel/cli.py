@@ -78,14 +78,13 @@ def run_cli(main: Callable[[], Any]) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from toyaccel.training import fit  # keep `--help` and argument errors fast
-
     def main() -> None:
         config = parse_train_args(argv)
+        from toyaccel.training import fit  # imported late: `--help` and option errors need no torch start-up
+
         fit(config)
 
     return run_cli(main)
-
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
