@@ -169,23 +169,22 @@ def _read_state(state_file: Path) -> tuple[TrainerState, dict[str, tuple[int, st
         raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
 
 
-def find_resume_checkpoint(output_dir: str, resume: str, say=print) -> Path:
-    """``resume`` is 'latest' (the newest checkpoint that verifies) or a checkpoint folder."""
+def find_resume_checkpoint(output_dir: str, resume: str, say=print) -> tuple[Path, TrainerState]:
+    """``resume`` is 'latest' (the newest checkpoint that verifies) or a checkpoint folder; returns
+    the folder and its verified state (hashing a large checkpoint once is enough)."""
     if resume != "latest":
-        verify_checkpoint(resume)
-        return Path(resume)
+        return Path(resume), verify_checkpoint(resume)
     for candidate in checkpoint_dirs(output_dir):
         try:
-            verify_checkpoint(candidate)
-            return candidate
+            return candidate, verify_checkpoint(candidate)
         except ToyaccelError as e:
             say(f"skipping checkpoint {candidate.name}: {e}")
     raise ToyaccelError(f"--resume latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
 
 
-def load_checkpoint(accelerator, path: Path, expected: TrainerState) -> TrainerState:
-    """Restore model, optimizer and RNG from ``path``; refuse a checkpoint of a different run."""
-    state = verify_checkpoint(path)
+def load_checkpoint(accelerator, path: Path, state: TrainerState, expected: TrainerState) -> TrainerState:
+    """Restore model, optimizer and RNG from the verified checkpoint ``path`` (whose state is ``state``);
+    refuse a checkpoint of a different run."""
     diffs = state.differences(expected)
     if diffs:
         raise ToyaccelError(f"{path / STATE_FILE}: cannot resume, this run differs from it: {'; '.join(diffs)}")

@@ -327,8 +327,8 @@ def start_or_resume(
     )
     if not resuming or (config.resume is None and not checkpoint_dirs(config.output_dir)):
         return state  # an elastic restart before the first checkpoint starts over
-    path = find_resume_checkpoint(config.output_dir, config.resume or "latest", say=accelerator.print)
-    state = load_checkpoint(accelerator, path, state)
+    path, saved = find_resume_checkpoint(config.output_dir, config.resume or "latest", say=accelerator.print)
+    state = load_checkpoint(accelerator, path, saved, expected=state)
     accelerator.print(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
     return state
 
