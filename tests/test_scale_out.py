@@ -292,7 +292,7 @@ def test_fsdp_config_on_cpu_is_refused_clearly(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: the accelerate config asks for FSDP but this run got DistributedType.MULTI_CPU "
+        "error: the accelerate config asks for FSDP but this run got MULTI_CPU "
         "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
     ]
     assert "exitcode: 2" in proc.stderr  # the workers' exit code, as torchrun reports it

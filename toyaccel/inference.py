@@ -135,7 +135,7 @@ def evaluate_run(
     dataset, description = evaluation_data(run, data, label_column)
     accelerator = build_accelerator(config)
     try:
-        check_world(accelerator, config)
+        check_world(accelerator)
         metrics = evaluate_prepared(accelerator, run.model, dataset, config)
     finally:
         release(accelerator)

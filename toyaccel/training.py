@@ -70,7 +70,7 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
 
 
 def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
-    check_world(accelerator, config)
+    check_world(accelerator)
     accelerator.print(describe(config, accelerator))
     train_loader = build_train_loader(data.train, config, accelerator.num_processes)
     resuming = config.resume is not None or restarted_by_elastic_launch()
@@ -268,28 +268,26 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             gradient_accumulation_steps=config.grad_accum,
             dynamo_backend="inductor" if config.compile else None,
             log_with=config.log_with,
-            project_config=ProjectConfiguration(
-                project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"
-            ),
+            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
         )
     except (ValueError, ImportError, RuntimeError) as e:
         raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
     return accelerator
 
 
-def check_world(accelerator: Accelerator, config: TrainConfig) -> None:
+def check_world(accelerator: Accelerator) -> None:
     """Refuse setups that would run, but not as asked."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise ToyaccelError(
             f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
-            f"({accelerator.distributed_type}): each process would train alone on all the data; "
+            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
             "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
         )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         raise ToyaccelError(
-            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type} "
+            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
             "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -322,7 +320,7 @@ def start_or_resume(
         global_batch=global_batch,
         world_size=accelerator.num_processes,
         training=config.training_dict(),
-        model_shape={"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)},
+        model_shape=model_shape(config, data),
         data_fingerprint=data.fingerprint(),
     )
     if not resuming or (config.resume is None and not checkpoint_dirs(config.output_dir)):
@@ -331,6 +329,11 @@ def start_or_resume(
     state = load_checkpoint(accelerator, path, saved, expected=state)
     accelerator.print(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
     return state
+
+
+def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
+    """What NeuralNetwork(...) needs: the input and output sizes come from the data."""
+    return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
 
 
 def describe(config: TrainConfig, accelerator: Accelerator) -> str:
@@ -346,7 +349,7 @@ def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelera
     """config.json: enough to rebuild the model and its input scaling without toyaccel's pickles."""
     return {
         "config": config.to_dict(),
-        "model": {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)},
+        "model": model_shape(config, data),
         "data": {
             "feature_names": data.feature_names,
             "label_column": config.label_column,
