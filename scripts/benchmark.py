@@ -1,18 +1,22 @@
 """Training throughput of toyaccel against the book's loop and the bare-loop ceiling, in one run.
 
-    python scripts/benchmark.py                          # full run, a few minutes on 2 cores
-    python scripts/benchmark.py --quick --output b.json  # smoke run (what the test suite runs)
+    python scripts/benchmark.py                          # everything: ~5 minutes on 2 cores
+    python scripts/benchmark.py --parts ddp              # only the 1-vs-2-process rows
+    python scripts/benchmark.py --quick --output b.json  # smoke run (the test suite runs it in-process)
 
 On the same synthetic data (64k samples x 32 features x 4 classes) it times one epoch of:
   book      the book's loop: per-sample Dataset.__getitem__, default DataLoader(shuffle=True), plain PyTorch;
   toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on prepared objects);
   ceiling   the same model and SGD over pre-sliced batch tensors: no loader, no Accelerate;
-for the book's MLP (hidden 30,20) and a large MLP whose matrix products dominate, at batch sizes 32,
-256, 1024. Every figure is the median samples/s of several repeats after a warm-up epoch; the loops of
-one group take turns, so a busy neighbour slows them all alike. The large MLP also gets GFLOP/s against
-a torch matrix-product peak measured between its repeats, and 1 vs 2 processes (DDP over gloo, launched
-with accelerate_configs/multi_cpu.yaml). Single-process CPU rows use one thread, like each DDP worker.
-Last, the time from starting `python scripts/train.py` to its first training step's log line.
+for the book's MLP (hidden 30,20) and a large MLP (2048,2048; its epoch is the first 8k rows) whose
+matrix products dominate, at batch sizes 32, 256, 1024. Every figure is the median samples/s of
+several repeats after a warm-up epoch. The loops of one group take turns, so a busy neighbour slows
+them all alike; CPU-time figures (in the JSON, and in brackets under "targets") leave out the time other
+processes held the core. The large MLP also gets GFLOP/s against a square fp32 matrix product timed
+between the same repeats, and 1 vs 2 processes (DDP over gloo, accelerate_configs/multi_cpu.yaml; the
+launches alternate). Single-process CPU rows use one thread, like each DDP worker. With a GPU, the same
+rows on it (and DDP with multi_gpu.yaml on 2+ GPUs). Last, the time from starting
+`python scripts/train.py` (fresh output dir) to its first training step's log line.
 """
 
 from __future__ import annotations
@@ -130,22 +134,34 @@ def forced_cpu(device: str):
             os.environ["ACCELERATE_USE_CPU"] = saved
 
 
+@contextlib.contextmanager
+def device_accelerator(device: str, output_dir: str):
+    """One Accelerator (built as toyaccel.fit builds it) for all of a device's toyaccel loops: setting
+    one up costs ~0.5 s, and a launched worker cannot set its process group up a second time."""
+    from toyaccel.training import build_accelerator, release
+
+    with forced_cpu(device):
+        accelerator = build_accelerator(TrainConfig(output_dir=output_dir))
+    try:
+        yield accelerator
+    finally:
+        release(accelerator)
+
+
 class ToyaccelLoop:
     """toyaccel's training loop, set up as toyaccel.training.train() sets it up (minus outputs)."""
 
-    def __init__(self, features, labels, hidden, batch_size, device, output_dir):
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
         from toyaccel.checkpoint import TrainerState
         from toyaccel.data import build_train_loader
         from toyaccel.metrics import MetricsLogger
-        from toyaccel.training import build_accelerator
 
         self.config = TrainConfig(
             data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
             hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
             output_dir=output_dir,
         )  # fmt: skip
-        with forced_cpu(device):
-            self.accelerator = build_accelerator(self.config)
+        self.accelerator = accelerator
         loader = build_train_loader(ToyDataset(features, labels), self.config, self.accelerator.num_processes)
         self.sampler = loader.batch_sampler
         model, optimizer = seeded_model(hidden, "cpu")
@@ -171,10 +187,8 @@ class ToyaccelLoop:
         return (self.state.global_step - first_step) * self.state.global_batch
 
     def close(self) -> None:
-        from toyaccel.training import release
-
         del self.model, self.optimizer, self.loader
-        release(self.accelerator)
+        self.accelerator.free_memory()  # drop its references to what it prepared for this loop
 
 
 class MatmulPeak:
@@ -245,15 +259,18 @@ def summary(wall: list[float], cpu: list[float] | None = None) -> dict:
 # Single-process groups: the three loops side by side for one model, batch size and device
 
 
-def loop_group(features, labels, model_name, hidden, batch_size, device, args, work_dir) -> list[dict]:
+def loop_group(features, labels, model_name, hidden, batch_size, accelerator, args, work_dir) -> list[dict]:
+    device = accelerator.device.type
     loops = {
         "book": BookLoop(features, labels, hidden, batch_size, device),
-        "toyaccel": ToyaccelLoop(features, labels, hidden, batch_size, device, f"{work_dir}/{model_name}-{batch_size}"),
+        "toyaccel": ToyaccelLoop(
+            features, labels, hidden, batch_size, accelerator, f"{work_dir}/{model_name}-{batch_size}"
+        ),
         "ceiling": CeilingLoop(features, labels, hidden, batch_size, device),
     }
     large = model_name == "large"
     if large:  # measured between the same repeats, so the peak sees the same neighbours
-        loops["matmul_peak"] = MatmulPeak(max(hidden), device)
+        loops["matmul_peak"] = MatmulPeak(max(hidden), device, args.peak_seconds)
     try:
         wall, cpu = measure(loops, device, args.warmup, args.repeats_large if large else args.repeats)
     finally:
@@ -267,19 +284,28 @@ def loop_group(features, labels, model_name, hidden, batch_size, device, args, w
         row["gflops"] = row["samples_per_s"] * flops_per_sample(hidden) / 1e9
         rows.append(row)
     if large:
-        to_gflops = loops["matmul_peak"].flops_per_product / 1e9
         peak = {"model": "matmul", "size": max(hidden), "device": device, "processes": 1, "batch_size": batch_size}
         peak.update(loop="matmul_peak", launched=False, **summary(wall["matmul_peak"], cpu["matmul_peak"]))
-        peak["gflops"] = peak["samples_per_s"] * to_gflops
+        peak["gflops"] = peak["samples_per_s"] * loops["matmul_peak"].flops_per_product / 1e9
         for row in rows:
-            row["of_matmul_peak"] = row["gflops"] / peak["gflops"]
-            if cpu["matmul_peak"]:
-                row["of_matmul_peak_cpu"] = (
-                    row["samples_per_cpu_s"]
-                    / (peak["samples_per_cpu_s"] * to_gflops)
-                    * (flops_per_sample(hidden) / 1e9)
-                )
+            # flops per sample / flops per product turns a ratio of rates into a ratio of GFLOP/s.
+            for clock, suffix in (("samples_per_s", ""), ("samples_per_cpu_s", "_cpu")):
+                if clock in peak:
+                    work = flops_per_sample(hidden) / loops["matmul_peak"].flops_per_product
+                    row["of_matmul_peak" + suffix] = row[clock] * work / peak[clock]
         rows.append(peak)
+    return rows
+
+
+def loop_rows(args, device: str, work_dir: str) -> list[dict]:
+    rows = []
+    with device_accelerator(device, work_dir) as accelerator:
+        models = (("book", (30, 20), args.samples), ("large", args.large_hidden, args.large_samples))
+        for model_name, hidden, samples in models:
+            features, labels = dataset(samples)
+            for b in args.batch_sizes:
+                print(f"{device} {model_name} MLP, batch {b} ...", file=sys.stderr, flush=True)
+                rows += loop_group(features, labels, model_name, hidden, b, accelerator, args, work_dir)
     return rows
 
 
@@ -313,17 +339,17 @@ def worker_main(spec: dict, output: str) -> None:
     torch.set_num_threads(1)
     features, labels = dataset(spec["samples"])
     results = {}
-    for batch_size in spec["batch_sizes"]:
-        loop = ToyaccelLoop(features, labels, tuple(spec["hidden"]), batch_size, spec["device"],
-                            f"{spec['output_dir']}/{batch_size}")  # fmt: skip
-        try:
-            rates = measure({"toyaccel": loop}, spec["device"], spec["warmup"], spec["repeats"])[0]["toyaccel"]
-            world_size, is_main = loop.accelerator.num_processes, loop.accelerator.is_main_process
-        finally:
-            loop.close()
-        results[str(batch_size)] = {"rates": rates, "world_size": world_size}
-    if is_main:
-        Path(output).write_text(json.dumps(results))
+    with device_accelerator(spec["device"], spec["output_dir"]) as accelerator:
+        for batch_size in spec["batch_sizes"]:
+            loop = ToyaccelLoop(features, labels, tuple(spec["hidden"]), batch_size, accelerator,
+                                f"{spec['output_dir']}/{batch_size}")  # fmt: skip
+            try:
+                rates = measure({"toyaccel": loop}, spec["device"], spec["warmup"], spec["repeats"])[0]["toyaccel"]
+            finally:
+                loop.close()
+            results[str(batch_size)] = {"rates": rates, "world_size": accelerator.num_processes}
+        if accelerator.is_main_process:
+            Path(output).write_text(json.dumps(results))
 
 
 def ddp_rows(args, device: str) -> list[dict]:
@@ -477,9 +503,10 @@ def ddp_table(rows: list[dict], device: str) -> list[str]:
 def table(result: dict) -> str:
     rows, lines = result["rows"], []
     for device in result["devices"]:
-        lines += [f"\n{device}, one process, one thread: samples/s, median of the repeats (noise: the largest "
-                  "(max - min) / median of the row's three loops)", ""]  # fmt: skip
-        lines += loop_table(rows, device, result["batch_sizes"])
+        if any(r["device"] == device and not r["launched"] for r in rows):
+            lines += [f"\n{device}, one process, one thread: samples/s, median of the repeats (noise: the largest "
+                      "(max - min) / median of the row's three loops)", ""]  # fmt: skip
+            lines += loop_table(rows, device, result["batch_sizes"])
         peak = result["ratios"][device].get("matmul_peak_gflops")
         if peak:
             lines.append(f"\nmatmul peak ({device}, one thread): {peak:.1f} GFLOP/s")
@@ -500,7 +527,7 @@ def table(result: dict) -> str:
                 continue
             cpu = got.get(name + "_cpu")
             verdict = "met" if got[name] >= target else "MISSED"
-            lines.append(f"  {device} {name}: {got[name]:.2f}{'' if cpu is None else f' ({cpu:.2f})'} "
+            lines.append(f"  {device} {name}: {got[name]:.3f}{'' if cpu is None else f' ({cpu:.3f})'} "
                          f"target >= {target}: {verdict}")  # fmt: skip
     return "\n".join(lines)
 
@@ -533,26 +560,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--large-hidden", default="2048,2048", help="hidden sizes of the large MLP")
     p.add_argument("--large-samples", type=int, default=8192, help="large MLP: samples per epoch (first rows)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs before the repeats")
-    p.add_argument("--repeats", type=int, default=5, help="timed epochs per loop, book MLP")
+    p.add_argument("--peak-seconds", type=float, default=0.3, help="length of one timed run of matrix products")
+    p.add_argument("--repeats", type=int, default=9, help="timed epochs per loop, book MLP")
     p.add_argument("--repeats-large", type=int, default=3, help="timed epochs per loop, large MLP")
     p.add_argument("--ddp-batch-sizes", default="256,1024", help="batch sizes per process for the DDP rows")
-    p.add_argument("--ddp-samples", type=int, default=8192)
+    p.add_argument("--ddp-samples", type=int, default=16384, help="large MLP: samples per DDP epoch")
     p.add_argument("--ddp-repeats", type=int, default=2, help="timed epochs per launch")
     p.add_argument("--ddp-rounds", type=int, default=2, help="alternating 1-process / N-process launches")
-    p.add_argument("--no-ddp", dest="ddp", action="store_false", help="skip the multi-process rows")
-    p.add_argument("--no-startup", dest="startup", action="store_false", help="skip the start-up timing")
+    p.add_argument("--parts", default="loops,ddp,startup", help="which measurements to run (default: %(default)s)")
     p.add_argument("--startup-repeats", type=int, default=3)
     p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launched process")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by launch_workers
     args = p.parse_args(argv)
     if args.quick:
-        args.samples, args.large_samples, args.ddp_samples = 2048, 512, 512
+        args.samples, args.large_samples, args.ddp_samples, args.peak_seconds = 2048, 512, 512, 0.05
         args.batch_sizes, args.large_hidden, args.ddp_batch_sizes = "32,256", "256,256", "128"
         args.repeats = args.repeats_large = args.ddp_repeats = args.ddp_rounds = args.startup_repeats = 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.ddp_batch_sizes = [int(b) for b in args.ddp_batch_sizes.split(",")]
     args.large_hidden = parse_hidden(args.large_hidden)
+    args.parts = set(args.parts.split(","))
+    if not args.parts <= {"loops", "ddp", "startup"}:
+        p.error(f"--parts: expected a comma-separated subset of loops,ddp,startup, got {','.join(sorted(args.parts))}")
     if args.devices == "auto":
         args.devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     args.devices = args.devices.split(",")
@@ -569,17 +599,13 @@ def main(argv=None) -> int:
               "quick": args.quick, "rows": [], "ratios": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work_dir:
         for device in args.devices:
-            for model_name, hidden, samples in (("book", (30, 20), args.samples),
-                                                ("large", args.large_hidden, args.large_samples)):  # fmt: skip
-                features, labels = dataset(samples)
-                for b in args.batch_sizes:
-                    print(f"{device} {model_name} MLP, batch {b} ...", file=sys.stderr, flush=True)
-                    result["rows"] += loop_group(features, labels, model_name, hidden, b, device, args, work_dir)
-            if args.ddp and (device == "cpu" or torch.cuda.device_count() > 1):
+            if "loops" in args.parts:
+                result["rows"] += loop_rows(args, device, work_dir)
+            if "ddp" in args.parts and (device == "cpu" or torch.cuda.device_count() > 1):
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)
                 result["rows"] += ddp_rows(args, device)
             result["ratios"][device] = ratios(result["rows"], device)
-        if args.startup:
+        if "startup" in args.parts:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)
     result["table"] = table(result)

@@ -291,3 +291,15 @@ def test_resume_latest_skips_a_damaged_checkpoint(reference, tmp_path, capsys):
     assert_weights_equal(weights(run), weights(reference))
     assert logged(run) == logged(reference)
     verify_checkpoint(run / "checkpoints" / "step_9")  # rewritten whole by the resumed run
+
+
+def test_resume_may_split_the_global_batch_differently(tmp_path):
+    """2 micro-steps of 4 continued as 4 micro-steps of 2: the same optimizer steps as before."""
+    args = ("--data", "synthetic", "--num-samples", "32", "--epochs", "1", "--no-plot", "--no-progress")
+    args += ("--checkpoint-every", "1", "--keep-last", "0", "--log-every", "1")
+    assert train_main([*args, "--grad-accum", "2", "--batch-size", "4", "--output-dir", str(tmp_path / "a")]) == 0
+    resumed = ("--grad-accum", "4", "--batch-size", "2", "--output-dir", str(tmp_path / "b"))
+    assert train_main([*args, *resumed, "--resume", str(tmp_path / "a" / "checkpoints" / "step_1")]) == 0
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == [2, 3, 4]  # 32 samples / global batch 8, resumed after step 1
+    assert_weights_close(weights(tmp_path / "b"), weights(tmp_path / "a"), atol=1e-6)

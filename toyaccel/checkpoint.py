@@ -191,6 +191,10 @@ def load_checkpoint(accelerator, path: Path, state: TrainerState, expected: Trai
     try:
         accelerator.load_state(str(path))
         torch.set_rng_state(load_file(str(path / RNG_FILE))["torch"])
+        # load_state restores accelerate's micro-step counter, which decides where gradients sync.
+        # Checkpoints sit between optimizer steps, so the next micro-step starts a new step whatever
+        # --grad-accum this run splits the global batch with.
+        accelerator.step = 0
     except Exception as e:  # noqa: BLE001 - the manifest passed, so this is a foreign or corrupt file
         raise ToyaccelError(f"checkpoint {path}: cannot be loaded: {str(e).splitlines()[0]}") from None
     state.world_size = expected.world_size
