@@ -126,7 +126,7 @@ def test_run_settings_that_cannot_work_leave_the_previous_run_alone(tmp_path, pr
     cases = [
         (
             ["--batch-size", "3", "--grad-accum", "2", "--overwrite"],
-            "the training set has 5 samples but one optimizer step needs 6 (1 processes x batch size 3 x "
+            "the training set has 5 samples but one optimizer step needs 6 (1 process x batch size 3 x "
             "grad_accum 2): zero training batches; lower --batch-size or --grad-accum, or use fewer processes",
         ),
         (

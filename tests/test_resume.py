@@ -177,7 +177,7 @@ def test_two_process_crash_while_writing_a_checkpoint_then_resume_is_bitwise_equ
         "model": False,
     }
     check_ok(ddp["resumed"])
-    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1, step 6" in ddp["resumed"].stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1/2, step 6" in ddp["resumed"].stdout
     assert_weights_equal(weights(run), weights(reference_ddp))
     assert logged(run) == logged(reference_ddp)
     # checkpoint 9 was written again, whole, and later pruned by the default --keep-last 3
@@ -190,7 +190,7 @@ def test_elastic_launch_survives_a_killed_worker(reference_ddp, background):
     proc = check_ok(jobs["elastic"].result())
     # one restart: the fault fires only in the first attempt (TORCHELASTIC_RESTART_COUNT=0)
     assert proc.stdout.count("resumed from") == 1
-    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1, step 6" in proc.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1/2, step 6" in proc.stdout
     assert_weights_equal(weights(run), weights(reference_ddp))
     assert logged(run) == logged(reference_ddp)
 
@@ -287,7 +287,7 @@ def test_resume_latest_skips_a_damaged_checkpoint(reference, tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert f"skipping checkpoint step_9: {run / 'checkpoints' / 'step_9' / 'optimizer.bin'}: damaged" in out
-    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1, step 6" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1/2, step 6" in out
     assert_weights_equal(weights(run), weights(reference))
     assert logged(run) == logged(reference)
     verify_checkpoint(run / "checkpoints" / "step_9")  # rewritten whole by the resumed run
@@ -303,3 +303,18 @@ def test_resume_may_split_the_global_batch_differently(tmp_path):
     steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "step"]
     assert steps == [2, 3, 4]  # 32 samples / global batch 8, resumed after step 1
     assert_weights_close(weights(tmp_path / "b"), weights(tmp_path / "a"), atol=1e-6)
+
+
+def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tmp_path):
+    """torchrun restarts workers after any failure, the refusal of a folder holding another run too;
+    the restarted workers must refuse again, not resume or overwrite that run."""
+    shutil.copytree(reference, tmp_path / "other")
+    before = snapshot(tmp_path / "other")
+    proc = accelerate_launch(
+        "elastic_cpu.yaml", *RUN, *TWO_PROCESSES, "--lr", "0.1", "--output-dir", str(tmp_path / "other"),
+        launch_args=("--max_restarts", "1", *ELASTIC_FLAGS[2:]), env=ELASTIC_ENV,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.count("already holds a run") == 2  # the first attempt and the restart
+    assert "resumed from" not in proc.stdout
+    assert snapshot(tmp_path / "other") == before

@@ -15,7 +15,11 @@ from toyaccel.errors import ToyaccelError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr and exit code 2, like every other error."""
+    """argparse, but a bad option is one line on stderr and exit code 2, like every other error,
+    and no abbreviations: a typo like --epoch must not quietly mean --epochs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ToyaccelError(f"{message} (see {self.prog} --help)")

@@ -340,7 +340,8 @@ def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int
     if len(dataset) < global_batch:
         raise ToyaccelError(
             f"the training set has {len(dataset)} samples but one optimizer step needs {global_batch} "
-            f"({world_size} processes x batch size {config.batch_size} x grad_accum {config.grad_accum}): "
+            f"({world_size} process{'es' if world_size > 1 else ''} x batch size {config.batch_size} "
+            f"x grad_accum {config.grad_accum}): "
             "zero training batches; lower --batch-size or --grad-accum, or use fewer processes"
         )
     return _loader(dataset, EpochBatchSampler(len(dataset), config.batch_size, global_batch), config)

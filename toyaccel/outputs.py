@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from toyaccel.model import NeuralNetwork
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "results.json", "model.safetensors", "metrics.jsonl", "loss.png", "checkpoints", "logs")
+# Names the launch that owns the folder (see launch_id); an elastic restart of it may carry on.
+LAUNCH_FILE = ".launch"
 
 
 def write_atomic(path: Path, write) -> None:
@@ -63,6 +66,31 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
         for name in found:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def claim_for_this_launch(output_dir: str) -> None:
+    """Mark the folder as this launch's, once the run in it has started (or resumed) for real."""
+    (Path(output_dir) / LAUNCH_FILE).write_text(launch_id())
+
+
+def launch_id() -> str:
+    """The same in every attempt of one elastic launch, different for the next launch: the workers'
+    parent is the launcher's agent, which lives across restarts (TORCHELASTIC_RUN_ID is 'none')."""
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
+def restart_of_owning_launch(output_dir: str) -> bool:
+    """True in a restarted attempt of the launch that claimed this folder.
+
+    torchrun restarts workers after any failure, a refused output folder included: only the launch
+    that owns the folder may carry on in it, or a restart would slip past the guard above.
+    """
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return False
+    try:
+        return (Path(output_dir) / LAUNCH_FILE).read_text() == launch_id()
+    except OSError:
+        return False
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -29,7 +29,13 @@ from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
 from toyaccel.metrics import MetricsLogger
 from toyaccel.model import NeuralNetwork
-from toyaccel.outputs import prepare_output_dir, save_weights, write_json
+from toyaccel.outputs import (
+    claim_for_this_launch,
+    prepare_output_dir,
+    restart_of_owning_launch,
+    save_weights,
+    write_json,
+)
 from toyaccel.plots import plot_metrics
 
 
@@ -73,7 +79,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     check_world(accelerator)
     accelerator.print(describe(config, accelerator))
     train_loader = build_train_loader(data.train, config, accelerator.num_processes)
-    resuming = config.resume is not None or restarted_by_elastic_launch()
+    resuming = config.resume is not None or restart_of_owning_launch(config.output_dir)
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
@@ -93,6 +99,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     state = start_or_resume(accelerator, config, data, sampler.global_batch, resuming)
     if accelerator.is_main_process:
         write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
+        claim_for_this_launch(config.output_dir)
     resume_step = state.global_step if resuming else None
     logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
     steps_per_epoch = len(data.train) // sampler.global_batch
@@ -309,10 +316,6 @@ def on_main_process(accelerator: Accelerator, fn, *args) -> None:
         raise ToyaccelError(message)
 
 
-def restarted_by_elastic_launch() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
 def start_or_resume(
     accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool
 ) -> TrainerState:
@@ -327,7 +330,8 @@ def start_or_resume(
         return state  # an elastic restart before the first checkpoint starts over
     path, saved = find_resume_checkpoint(config.output_dir, config.resume or "latest", say=accelerator.print)
     state = load_checkpoint(accelerator, path, saved, expected=state)
-    accelerator.print(f"resumed from {path} at epoch {state.epoch + 1}, step {state.global_step}")
+    where = f"epoch {state.epoch + 1}/{config.epochs}" if state.epoch < config.epochs else "the end of training"
+    accelerator.print(f"resumed from {path} at {where}, step {state.global_step}")
     return state
 
 
