@@ -91,13 +91,19 @@ def train_main(argv: list[str] | None = None) -> int:
     return run_cli(main)
 
 
-def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
-        prog="toyaccel-evaluate",
-        description="Loss, accuracy and confusion matrix of a trained run (reads model.safetensors and config.json; "
-        "works under accelerate launch, with metrics over all processes).",
-    )
+def _run_dir_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for the tools that read a saved run (model.safetensors and config.json only)."""
+    parser = _Parser(prog=prog, description=f"{description} (reads model.safetensors and config.json)")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a training run")
+    return parser
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = _run_dir_parser(
+        "toyaccel-evaluate",
+        "Loss, accuracy and confusion matrix of a trained run; works under accelerate launch, with metrics "
+        "over all processes",
+    )
     parser.add_argument(
         "--data",
         help="'toy' (the book's test set) or a CSV file with the model's feature columns and a label column "
@@ -118,12 +124,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
-        prog="toyaccel-predict",
-        description="Class probabilities from a trained run for every row of a CSV file "
-        "(reads model.safetensors and config.json).",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a training run")
+    parser = _run_dir_parser("toyaccel-predict", "Class probabilities from a trained run for every row of a CSV file")
     parser.add_argument(
         "--data",
         required=True,
