@@ -170,8 +170,7 @@ class ToyaccelLoop:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
             self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
-        steps_per_epoch = labels.shape[0] // self.sampler.global_batch
-        self.log_every = max(1, steps_per_epoch // 10)  # fit's default: about ten log lines an epoch
+        self.log_every = max(1, self.sampler.steps_per_epoch // 10)  # fit's default: about ten log lines an epoch
 
     def epoch(self) -> int:
         from toyaccel.training import train_one_epoch

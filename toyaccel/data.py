@@ -308,6 +308,11 @@ class EpochBatchSampler:
     def start_epoch(self, epoch_seed: int, start: int = 0) -> None:
         self.epoch_seed, self.start = epoch_seed, start
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a whole epoch, over all processes."""
+        return self.num_samples // self.global_batch
+
     def steps_in_epoch(self) -> int:
         return (self.num_samples - self.start) // self.global_batch
 

@@ -89,6 +89,3 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
     return " | ".join(parts)
 
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -102,9 +102,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
         claim_for_this_launch(config.output_dir)
     resume_step = state.global_step if resuming else None
     logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
-    steps_per_epoch = len(data.train) // sampler.global_batch
-    log_every = config.log_every or max(1, steps_per_epoch // 10)
+    log_every = config.log_every or max(1, sampler.steps_per_epoch // 10)
     final_loss, train_seconds, samples_trained = None, 0.0, 0
+    metrics = None
 
     for _ in range(state.epoch, config.epochs):
         started, first_step = time.perf_counter(), state.global_step
@@ -117,7 +117,8 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
         logger.log(epoch_record(state, metrics))
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
 
-    metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+    if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
+        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
     result = RunResult(
         train_accuracy=metrics["train"]["accuracy"],
         train_loss=metrics["train"]["loss"],
@@ -142,7 +143,7 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     if state.epoch_seed is None:
         state.epoch_seed = draw_epoch_seed()
     sampler.start_epoch(state.epoch_seed, state.samples_in_epoch)
-    steps_per_epoch = sampler.num_samples // sampler.global_batch
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     stepper = optimizer_to_step(accelerator, optimizer)
     # accumulate() and accelerator.backward() cost ~20 us a step each (15% of the book MLP's step at
