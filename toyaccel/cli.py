@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from toyaccel.config import TrainConfig, build_config, read_config_file
+from toyaccel.config import SECTIONS, TrainConfig, build_config, read_config_file, section_of
 from toyaccel.errors import ToyaccelError
 
 
@@ -37,14 +37,18 @@ def train_parser() -> argparse.ArgumentParser:
         epilog="Precedence: defaults < --config file < command-line options.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
+    groups = {name: parser.add_argument_group(f"{name} options") for name in (*SECTIONS, "run")}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default if f.name != 'hidden' else '30,20'})"
+        help_text = f.metadata["help"]
+        if f.default is not None:
+            help_text += f" (default: {f.default if f.name != 'hidden' else '30,20'})"
+        group = groups[section_of(f.name)]
         # SUPPRESS: only options the user typed override the config file.
-        if str(f.type) == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        if str(f.type).split(" |")[0] == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(
+            group.add_argument(
                 flag,
                 type=_field_type(f),
                 choices=f.metadata.get("choices"),

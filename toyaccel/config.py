@@ -17,6 +17,37 @@ from toyaccel.errors import ToyaccelError
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+MODELS = ("mlp", "gpt")
+OPTIMIZERS = ("sgd", "adamw")
+TOKENIZERS = ("bpe", "bytes", "gpt2")
+# The book's GPT_CONFIG_124M (chapter 4); a preset fills the model options the user left unset.
+PRESETS = {
+    "gpt2-124m": {
+        "vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
+        "drop_rate": 0.1, "qkv_bias": False,
+    },
+}  # fmt: skip
+# What an option left at None means, per --model: the MLP keeps the book's Appendix A run; the GPT
+# gets chapter 5's optimizer (AdamW, lr 0.0004, weight decay 0.1) and a model small enough for a CPU.
+WORKLOAD_DEFAULTS = {
+    "mlp": {"data": "toy", "output_dir": "runs/toy", "num_samples": 1000, "val_fraction": 0.0,
+            "optimizer": "sgd", "lr": 0.5},
+    "gpt": {"data": "synthetic", "output_dir": "runs/gpt", "num_samples": 50_000, "val_fraction": 0.1,
+            "optimizer": "adamw", "lr": 0.0004, "weight_decay": 0.1,
+            "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
+            "drop_rate": 0.1, "qkv_bias": False},
+}  # fmt: skip
+GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
+               "drop_rate", "qkv_bias")  # fmt: skip
+# --help and --config files group the options; an option not listed here is a "run" option.
+SECTIONS = {
+    "data": ("data", "val_data", "val_fraction", "label_column", "num_samples", "num_features", "num_classes",
+             "standardize", "tokenizer", "vocab_size", "stride"),
+    "model": ("model", "preset", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
+              "qkv_bias"),
+    "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
+                  "warmup_steps", "max_grad_norm"),
+}  # fmt: skip
 
 
 def _opt(default: Any, help: str, **extra: Any):
@@ -27,21 +58,45 @@ def _opt(default: Any, help: str, **extra: Any):
 class TrainConfig:
     """Everything one training run depends on. The defaults are the book's Appendix A run."""
 
+    # --- workload -----------------------------------------------------------------------------
+    model: str = _opt("mlp", "mlp (the book's Appendix A classifier) or gpt (chapter 4's GPTModel)", choices=MODELS)
     # --- data ---------------------------------------------------------------------------------
-    data: str = _opt("toy", "'toy' (the book's 5+2 points), 'synthetic' (seeded Gaussian blobs) or a CSV path")
-    val_data: str | None = _opt(None, "CSV file with validation rows (default: the book's test set for 'toy')")
-    val_fraction: float = _opt(0.0, "hold out this fraction of the training rows for validation (seeded split)")
+    data: str | None = _opt(
+        None,
+        "mlp: 'toy' (the book's 5+2 points, default), 'synthetic' (seeded Gaussian blobs) or a CSV path; "
+        "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file or a folder of .txt files",
+    )
+    val_data: str | None = _opt(None, "validation data: CSV rows (mlp; default: the book's test set for 'toy') or text (gpt)")
+    val_fraction: float | None = _opt(
+        None, "mlp: hold out this fraction of the rows (seeded split; default 0); gpt: the last fraction of the text "
+        "(default 0.1, the book's train_ratio 0.9)"
+    )
     label_column: str = _opt("label", "CSV column holding the integer class label")
-    num_samples: int = _opt(1000, "'synthetic': number of rows")
+    num_samples: int | None = _opt(None, "'synthetic': number of rows (mlp, default 1000) or characters (gpt, 50000)")
     num_features: int = _opt(2, "'synthetic': number of input features")
     num_classes: int | None = _opt(None, "number of classes (default: inferred from the labels; 2 for 'synthetic')")
     standardize: bool = _opt(False, "standardize features with training-set mean/std (saved in config.json)")
+    tokenizer: str | None = _opt(
+        None, "gpt: bpe (byte-level BPE trained on the training text, default), bytes (default for synthetic) "
+        "or gpt2 (tiktoken, needs its files)", choices=TOKENIZERS,
+    )
+    vocab_size: int | None = _opt(None, "gpt: vocabulary size of the model (the BPE learns at most this many; default 1024)")
+    stride: int | None = _opt(None, "gpt: tokens between the starts of two windows (default: the context length)")
     # --- model --------------------------------------------------------------------------------
-    hidden: tuple[int, ...] = _opt((30, 20), "hidden layer sizes, comma separated (the book: 30,20)")
+    hidden: tuple[int, ...] = _opt((30, 20), "mlp: hidden layer sizes, comma separated (the book: 30,20)")
+    preset: str | None = _opt(None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)", choices=tuple(PRESETS))
+    context_length: int | None = _opt(None, "gpt: tokens per window and size of the position table (default 128)")
+    emb_dim: int | None = _opt(None, "gpt: embedding size (default 128)")
+    n_heads: int | None = _opt(None, "gpt: attention heads (default 4)")
+    n_layers: int | None = _opt(None, "gpt: transformer blocks (default 4)")
+    drop_rate: float | None = _opt(None, "gpt: dropout rate (default 0.1)")
+    qkv_bias: bool | None = _opt(None, "gpt: bias in the query, key and value projections (default: no)")
     # --- optimisation -------------------------------------------------------------------------
+    optimizer: str | None = _opt(None, "sgd (mlp default) or adamw (gpt default)", choices=OPTIMIZERS)
+    weight_decay: float | None = _opt(None, "weight decay (default: 0 for sgd, 0.1 for adamw as the book's chapter 5)")
     epochs: int = _opt(3, "number of passes over the training data")
     batch_size: int = _opt(2, "samples per process per micro-step; global batch = processes x this x grad_accum")
-    lr: float = _opt(0.5, "peak learning rate of SGD")
+    lr: float | None = _opt(None, "peak learning rate (default: 0.5 for the MLP's SGD, 0.0004 for the GPT's AdamW)")
     seed: int = _opt(123, "seed for model init and data order, applied as the book does")
     grad_accum: int = _opt(1, "accumulate gradients over this many micro-steps per optimizer step")
     lr_schedule: str = _opt("constant", "learning-rate schedule after warm-up", choices=LR_SCHEDULES)
@@ -52,7 +107,7 @@ class TrainConfig:
     )
     compile: bool = _opt(False, "torch.compile the model (same results within tolerance, slower start)")
     # --- outputs ------------------------------------------------------------------------------
-    output_dir: str = _opt("runs/toy", "where model, config, results, metrics and checkpoints go")
+    output_dir: str | None = _opt(None, "where model, config, results, metrics and checkpoints go (default runs/toy or runs/gpt)")
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
@@ -70,10 +125,42 @@ class TrainConfig:
         "data", "val_data", "val_fraction", "label_column", "num_samples", "num_features",
         "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule",
         "warmup_steps", "max_grad_norm",
+        "model", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
+        "drop_rate", "qkv_bias", "optimizer", "weight_decay",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        self.resolve_defaults()
         self.validate()
+
+    def resolve_defaults(self) -> None:
+        """Fill the options left at None from --preset and the model's defaults. The names filled are
+        remembered, so that replace(model=...) gives them the new model's defaults, not the old ones."""
+        if not hasattr(self, "_defaulted"):
+            self._defaulted: set[str] = set()
+        if self.model not in WORKLOAD_DEFAULTS:
+            return  # validate() names the bad model
+        gpt = self.model == "gpt"
+        fills = dict(WORKLOAD_DEFAULTS[self.model])
+        if self.val_data:
+            fills["val_fraction"] = 0.0
+        optimizer = self.optimizer or fills["optimizer"]
+        fills["weight_decay"] = 0.1 if optimizer == "adamw" else 0.0
+        if gpt:
+            # The synthetic text's entropy is known per character, so it is read byte by byte.
+            fills["tokenizer"] = "bytes" if (self.data or fills["data"]) == "synthetic" else "bpe"
+            tokenizer = self.tokenizer or fills["tokenizer"]
+            fills["vocab_size"] = {"bytes": 256, "gpt2": 50257}.get(tokenizer, fills["vocab_size"])
+            fills.update(PRESETS.get(self.preset, {}))
+        for name, value in fills.items():
+            self._fill(name, value)
+        if gpt:
+            self._fill("stride", self.context_length)
+
+    def _fill(self, name: str, value: Any) -> None:
+        if getattr(self, name) is None:
+            setattr(self, name, value)
+            self._defaulted.add(name)
 
     def validate(self) -> None:
         """Check every field once; raise ToyaccelError naming the first bad one."""
@@ -103,6 +190,8 @@ class TrainConfig:
                 raise ToyaccelError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ToyaccelError(f"num_classes must be at least 2, got {self.num_classes}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ToyaccelError(f"weight_decay must be 0 or positive, got {self.weight_decay}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ToyaccelError(f"lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
@@ -111,6 +200,23 @@ class TrainConfig:
             raise ToyaccelError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction and self.val_data:
             raise ToyaccelError("give either val_data or val_fraction, not both")
+        self.validate_workload()
+
+    def validate_workload(self) -> None:
+        gpt_only = [name for name in GPT_OPTIONS if getattr(self, name) is not None]
+        if self.model != "gpt":
+            if gpt_only:
+                raise ToyaccelError(f"{gpt_only[0]} is an option of --model gpt, not of --model {self.model}")
+            return
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "stride"):
+            if getattr(self, name) < 1:
+                raise ToyaccelError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ToyaccelError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ToyaccelError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.tokenizer == "bpe" and self.vocab_size < 256:
+            raise ToyaccelError(f"vocab_size must be at least 256 for the byte-level BPE, got {self.vocab_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -122,7 +228,8 @@ class TrainConfig:
         return {name: d[name] for name in self.TRAINING_FIELDS}
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        unset = {name: None for name in getattr(self, "_defaulted", ()) if name not in changes}
+        return dataclasses.replace(self, **unset, **changes)
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:
@@ -167,11 +274,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ToyaccelError(f"config file {path} must hold a mapping of option: value")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = flatten_sections(path, values)
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise ToyaccelError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
     return values
+
+
+def section_of(name: str) -> str:
+    return next((section for section, names in SECTIONS.items() if name in names), "run")
+
+
+def flatten_sections(path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """A config file may group options under data:, model:, optimizer: and run: (as --help does) or
+    list them flat; either way each option is named once."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        # "model" is both a section and an option (--model gpt): a mapping is the section.
+        group = value if key in (*SECTIONS, "run") and isinstance(value, dict) else {key: value}
+        for name, v in group.items():
+            name = str(name).replace("-", "_")
+            if name in flat:
+                raise ToyaccelError(f"config file {path}: option {name} is given twice")
+            flat[name] = v
+    return flat
 
 
 def build_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:

@@ -13,10 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toyaccel.errors import ToyaccelError
-from toyaccel.model import NeuralNetwork
+from toyaccel.workloads import get_workload, workload_of_run
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
-RUN_FILES = ("config.json", "results.json", "model.safetensors", "metrics.jsonl", "loss.png", "checkpoints", "logs")
+RUN_FILES = (
+    "config.json", "results.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints", "logs",
+)  # fmt: skip
 # Names the launch that owns the folder (see launch_id); an elastic restart of it may carry on.
 LAUNCH_FILE = ".launch"
 
@@ -97,7 +99,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(path.read_text())
-        saved["model"]["num_inputs"], saved["model"]["num_outputs"], saved["model"]["hidden"]  # noqa: B018
+        model_keys = get_workload(workload_of_run(saved)).MODEL_KEYS
+        [saved["model"][key] for key in model_keys]  # noqa: B018 - a KeyError names what is missing
     except FileNotFoundError:
         raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -105,10 +108,14 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return saved
 
 
-def load_model(run_dir: str | Path) -> NeuralNetwork:
-    """Rebuild a trained model from ``model.safetensors`` and ``config.json`` (no pickle involved)."""
-    shape = read_run_config(run_dir)["model"]
-    model = NeuralNetwork(shape["num_inputs"], shape["num_outputs"], tuple(shape["hidden"]))
+def load_model(run_dir: str | Path) -> torch.nn.Module:
+    """Rebuild a trained model (the MLP or the GPT) from ``model.safetensors`` and ``config.json``
+    (no pickle involved)."""
+    saved = read_run_config(run_dir)
+    try:
+        model = get_workload(workload_of_run(saved)).model_from_shape(saved["model"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise ToyaccelError(f"{Path(run_dir) / 'config.json'}: bad model section ({type(e).__name__}: {e})") from None
     path = Path(run_dir) / "model.safetensors"
     try:
         model.load_state_dict(load_file(str(path)), strict=True)

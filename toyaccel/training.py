@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import math
 import os
 import time
@@ -17,18 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
 
 from toyaccel.checkpoint import TrainerState, checkpoint_dirs, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from toyaccel.config import TrainConfig
-from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, draw_epoch_seed, load_data
+from toyaccel.data import build_eval_loader, build_train_loader, draw_epoch_seed
 from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
 from toyaccel.metrics import MetricsLogger
-from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import (
     claim_for_this_launch,
     prepare_output_dir,
@@ -37,15 +36,16 @@ from toyaccel.outputs import (
     write_json,
 )
 from toyaccel.plots import plot_metrics
+from toyaccel.workloads import get_workload
 
 
 @dataclass
 class RunResult:
-    """What ``fit`` returns; everything but ``history`` is also in ``results.json``."""
+    """What ``fit`` returns; everything but ``history`` is also in ``results.json``. ``metrics`` holds
+    the workload's own figures (accuracies, perplexities, tokens/s), readable as attributes too."""
 
-    train_accuracy: float
+    metrics: dict[str, Any]
     train_loss: float
-    val_accuracy: float | None
     val_loss: float | None
     final_loss: float | None  # the last logged training loss (mean over processes)
     world_size: int
@@ -57,8 +57,15 @@ class RunResult:
     output_dir: str
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # metrics.jsonl records
 
+    def __getattr__(self, name: str) -> Any:
+        metrics = self.__dict__.get("metrics", {})
+        if name in metrics:
+            return metrics[name]
+        raise AttributeError(f"RunResult has no attribute {name!r}")
+
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "history"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("history", "metrics")}
+        return {**self.metrics, **fields}
 
 
 def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
@@ -67,7 +74,7 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     if overrides:
         config = config.replace(**overrides)
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
-    data = load_data(config)  # bad input fails here, on every process, before anything is written
+    data = get_workload(config.model).load_data(config)  # bad input fails here, on every process, before anything is written
     accelerator = build_accelerator(config)
     try:
         return train(accelerator, config, data)
@@ -75,7 +82,8 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
         release(accelerator)
 
 
-def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
+def train(accelerator: Accelerator, config: TrainConfig, data) -> RunResult:
+    workload = get_workload(config.model)
     check_world(accelerator)
     accelerator.print(describe(config, accelerator))
     train_loader = build_train_loader(data.train, config, accelerator.num_processes)
@@ -84,13 +92,14 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    eval_loaders = {"train": build_eval_loader(data.train, config)}
+    eval_batch = workload.eval_batch_size(config)
+    eval_loaders = {"train": build_eval_loader(data.train, config, eval_batch)}
     if data.val is not None:
-        eval_loaders["val"] = build_eval_loader(data.val, config)
+        eval_loaders["val"] = build_eval_loader(data.val, config, eval_batch)
 
     torch.manual_seed(config.seed)  # ...and again before building the model
-    model = NeuralNetwork(data.num_features, data.num_classes, config.hidden)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    model = workload.build_model(config, data)
+    optimizer = build_optimizer(config, model)
     model, optimizer, train_loader, *prepared = accelerator.prepare(
         model, optimizer, train_loader, *eval_loaders.values()
     )
@@ -99,6 +108,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     state = start_or_resume(accelerator, config, data, sampler.global_batch, resuming)
     if accelerator.is_main_process:
         write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
+        workload.save_extras(config.output_dir, data)
         claim_for_this_launch(config.output_dir)
     resume_step = state.global_step if resuming else None
     logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
@@ -113,23 +123,23 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
         train_seconds += time.perf_counter() - started
         samples_trained += (state.global_step - first_step) * state.global_batch
         state.finish_epoch()
-        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
-        logger.log(epoch_record(state, metrics))
+        metrics = {name: workload.evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+        logger.log({**epoch_record(state, metrics, workload), **workload.after_epoch(accelerator, model, config, data)})
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
-        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+        metrics = {name: workload.evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+    samples_per_s = samples_trained / train_seconds if train_seconds else 0.0
     result = RunResult(
-        train_accuracy=metrics["train"]["accuracy"],
+        metrics=workload.result_metrics(metrics, samples_per_s, config),
         train_loss=metrics["train"]["loss"],
-        val_accuracy=metrics["val"]["accuracy"] if "val" in metrics else None,
         val_loss=metrics["val"]["loss"] if "val" in metrics else None,
         final_loss=final_loss if final_loss is not None else last_logged_loss(logger.history),
         world_size=accelerator.num_processes,
         global_step=state.global_step,
         epochs=config.epochs,
         global_batch=state.global_batch,
-        samples_per_s=samples_trained / train_seconds if train_seconds else 0.0,
+        samples_per_s=samples_per_s,
         distributed_type=accelerator.distributed_type.value,
         output_dir=config.output_dir,
         history=logger.history,
@@ -153,14 +163,21 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     plain = plain and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
     backward = torch.Tensor.backward if plain else accelerator.backward
+    workload = get_workload(config.model)
+    own_rng = own_random_stream if workload.uses_dropout(config) else None
     logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro_steps, window_start = 0, time.perf_counter()
-    last_loss = None
-    for features, labels in loader:
+    last_loss, micro_in_step = None, 0
+    for inputs, targets in loader:
         with micro_step(model):
-            loss = F.cross_entropy(model(features), labels)
+            if own_rng is None:
+                loss = workload.loss(model(inputs), targets)
+            else:
+                with own_rng(config.seed, accelerator.process_index, state.global_step, micro_in_step):
+                    loss = workload.loss(model(inputs), targets)
+            micro_in_step += 1
             backward(loss)
             window_loss += loss.detach()
             window_micro_steps += 1
@@ -173,6 +190,7 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
                 group["lr"] = lr
             stepper.step()
             stepper.zero_grad(set_to_none=True)
+        micro_in_step = 0
         state.finish_step()
         logger.advance()
         # The last step of an epoch is checkpointed after the epoch's evaluation instead.
@@ -196,38 +214,13 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     return last_loss
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, loader) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once."""
-    model.eval()
-    num_classes = None
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    confusion = None
-    for features, labels in loader:
-        logits = model(features)
-        # gather_for_metrics drops the samples accelerate repeated to give every process a full batch.
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        if confusion is None:
-            num_classes = logits.shape[1]
-            confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
-    model.train()
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = int(confusion.sum())
-    return {
-        "loss": loss_sum.item() / count,
-        "accuracy": int(confusion.diag().sum()) / count,
-        "count": count,
-        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
-    }
+def evaluate(accelerator, model, loader, model_family: str = "mlp") -> dict[str, Any]:
+    """The workload's metrics over the whole dataset, each sample counted once."""
+    return get_workload(model_family).evaluate(accelerator, model, loader)
 
 
-def epoch_record(state: TrainerState, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    record = {"kind": "epoch", "epoch": state.epoch, "step": state.global_step}
-    for name, m in metrics.items():
-        record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
-    return record
+def epoch_record(state: TrainerState, metrics: dict[str, dict[str, Any]], workload) -> dict[str, Any]:
+    return {"kind": "epoch", "epoch": state.epoch, "step": state.global_step, **workload.epoch_fields(metrics)}
 
 
 def last_logged_loss(history: list[dict[str, Any]]) -> float | None:
@@ -246,6 +239,39 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.lr_schedule == "linear":
         return config.lr * (1.0 - progress)
     return config.lr
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The book's optimizers: SGD (Appendix A) or AdamW with weight decay on every parameter (chapter 5)."""
+    if config.optimizer == "adamw":
+        # fused: one kernel for all parameters on CUDA (the book's bonus "fused AdamW"); same math.
+        fused = torch.cuda.is_available() and config.mixed_precision != "fp16"
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    if config.weight_decay:
+        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+
+@contextlib.contextmanager
+def own_random_stream(seed: int, process_index: int, global_step: int, micro_step: int):
+    """Dropout masks from a stream of this process's own, leaving the shared RNG as it was.
+
+    Every process holds the same global RNG state on purpose: it draws each epoch's data order. Dropout
+    drawing from it would give every process the same masks, and would shift the data order by an
+    amount that depends on the batch each process holds (so on the world size). Instead each forward
+    pass is seeded from (seed, process, step, micro-step): reproducible, exact on resume (no state to
+    save), different on every process.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    key = hashlib.blake2b(f"{seed}/{process_index}/{global_step}/{micro_step}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(key, "little") >> 1)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def optimizer_to_step(accelerator: Accelerator, optimizer):
@@ -317,14 +343,12 @@ def on_main_process(accelerator: Accelerator, fn, *args) -> None:
         raise ToyaccelError(message)
 
 
-def start_or_resume(
-    accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool
-) -> TrainerState:
+def start_or_resume(accelerator, config: TrainConfig, data, global_batch: int, resuming: bool) -> TrainerState:
     state = TrainerState(
         global_batch=global_batch,
         world_size=accelerator.num_processes,
         training=config.training_dict(),
-        model_shape=model_shape(config, data),
+        model_shape=get_workload(config.model).model_shape(config, data),
         data_fingerprint=data.fingerprint(),
     )
     if not resuming or (config.resume is None and not checkpoint_dirs(config.output_dir)):
@@ -336,11 +360,6 @@ def start_or_resume(
     return state
 
 
-def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
-    """What NeuralNetwork(...) needs: the input and output sizes come from the data."""
-    return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
-
-
 def describe(config: TrainConfig, accelerator: Accelerator) -> str:
     """The resolved config in one line, printed once so a log says what produced it."""
     options = " ".join(f"{k}={v}" for k, v in config.to_dict().items())
@@ -350,18 +369,11 @@ def describe(config: TrainConfig, accelerator: Accelerator) -> str:
     )
 
 
-def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> dict[str, Any]:
-    """config.json: enough to rebuild the model and its input scaling without toyaccel's pickles."""
+def run_description(config: TrainConfig, data, accelerator: Accelerator) -> dict[str, Any]:
+    """config.json: enough to rebuild the model (and its input scaling or tokenizer) without pickles."""
     return {
         "config": config.to_dict(),
-        "model": model_shape(config, data),
-        "data": {
-            "feature_names": data.feature_names,
-            "label_column": config.label_column,
-            "num_classes": data.num_classes,
-            "mean": data.mean,
-            "std": data.std,
-        },
+        **get_workload(config.model).run_description(config, data),
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,
