@@ -110,11 +110,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--data",
-        help="'toy' (the book's test set) or a CSV file with the model's feature columns and a label column "
-        "(default: the run's own validation set, as in results.json)",
+        help="'toy' (the book's test set) or a CSV file with the model's feature columns and a label column; "
+        "for a gpt run, a UTF-8 text file (default: the run's own validation set, as in results.json)",
     )
     parser.add_argument("--label-column", help="CSV column holding the class (default: the one used in training)")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per process per batch (default: 256)")
+    parser.add_argument(
+        "--batch-size", type=int, help="rows (mlp, default 256) or windows (gpt, default 8) per process per batch"
+    )
 
     def main() -> None:
         from toyaccel.inference import evaluate_run, format_evaluation
@@ -143,6 +145,33 @@ def predict_main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         rows = predict_file(args.run_dir, args.data, args.output, args.overwrite)
         print(f"wrote {rows} predictions to {args.output}", flush=True)
+
+    return run_cli(main)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = _run_dir_parser(
+        "toyaccel-generate", "Continue a prompt with a trained --model gpt run, as the book's generate does"
+    )
+    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: the book's)")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 picks the most likely token (greedy, default); >0 samples"
+    )
+    parser.add_argument("--top-k", type=int, help="sample only among the k most likely tokens (default: all)")
+    parser.add_argument("--seed", type=int, default=123, help="seed of the sampling (default: 123)")
+    parser.add_argument(
+        "--context-length", type=int, help="tokens the model sees at each step (default: its context_length)"
+    )
+
+    def main() -> None:
+        from toyaccel.workloads.gpt import generate_from_run
+
+        args = parser.parse_args(argv)
+        text = generate_from_run(
+            args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.context_length
+        )
+        print(text, flush=True)
 
     return run_cli(main)
 

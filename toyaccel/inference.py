@@ -21,6 +21,7 @@ from toyaccel.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardizat
 from toyaccel.errors import ToyaccelError
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
+from toyaccel.workloads import workload_of_run
 
 EVAL_BATCH_SIZE = 256
 
@@ -58,8 +59,16 @@ class SavedRun:
         return apply_standardization(features, self.data_info.get("mean"), self.data_info.get("std"))
 
 
+def gpt_workload():
+    from toyaccel.workloads import get_workload
+
+    return get_workload("gpt")
+
+
 def load_run(run_dir: str | Path) -> SavedRun:
     saved = read_run_config(run_dir)
+    if workload_of_run(saved) != "mlp":
+        raise ToyaccelError(f"{run_dir} holds a {workload_of_run(saved)} run: use toyaccel-generate or toyaccel-evaluate")
     return SavedRun(str(run_dir), load_model(run_dir), saved)
 
 
@@ -124,12 +133,14 @@ def prediction_features(run: SavedRun, data: str) -> torch.Tensor:
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE
+    run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int | None = None
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
     from toyaccel.training import build_accelerator, check_world, release  # accelerate is slow to import
 
-    config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
+    if workload_of_run(read_run_config(run_dir)) == "gpt":
+        return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
+    config = build_config(None, batch_size=batch_size or EVAL_BATCH_SIZE, output_dir=str(run_dir))
     # Bad input fails here, on every process, before any process waits for another.
     run = load_run(run_dir)
     dataset, description = evaluation_data(run, data, label_column)
@@ -145,7 +156,7 @@ def evaluate_run(
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     # Its own function so the prepared (DDP) model is gone before release() ends the process group.
     from toyaccel.data import build_eval_loader
-    from toyaccel.training import evaluate
+    from toyaccel.workloads.mlp import evaluate
 
     model, loader = accelerator.prepare(model, build_eval_loader(dataset, config, config.batch_size))
     return evaluate(accelerator, model, loader)
@@ -153,6 +164,8 @@ def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, co
 
 def format_evaluation(metrics: dict[str, Any]) -> str:
     """``loss 0.016851 | accuracy 1.000 (2/2)`` and the confusion matrix, rows true and columns predicted."""
+    if "perplexity" in metrics:
+        return gpt_workload().format_evaluation(metrics)
     confusion = metrics["confusion"]
     correct = sum(confusion[i][i] for i in range(len(confusion)))
     width = max(6, *(len(str(v)) for row in confusion for v in row))

@@ -82,6 +82,8 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
         ("train_acc", ".3f"),
         ("val_loss", ".4f"),
         ("val_acc", ".3f"),
+        ("train_ppl", ".3f"),
+        ("val_ppl", ".3f"),
     ):
         if record.get(key) is not None:
             parts.append(f"{key} {record[key]:{fmt}}")

@@ -25,11 +25,15 @@ def plot_metrics(history: list[dict[str, Any]], path: str | Path) -> bool:
             ax_loss.plot(*zip(*points), "o--", label=label)
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
     ax_loss.legend()
-    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
+    # A classifier's accuracy, or a language model's perplexity.
+    metric, title = ("acc", "Accuracy") if any("train_acc" in r for r in epochs) else ("ppl", "Perplexity")
+    for key, label in ((f"train_{metric}", "train"), (f"val_{metric}", "validation")):
         points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
         if points:
             ax_acc.plot(*zip(*points), "o-", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(-0.05, 1.05))
+    ax_acc.set(xlabel="epoch", ylabel=title.lower(), title=title)
+    if metric == "acc":
+        ax_acc.set_ylim(-0.05, 1.05)
     ax_acc.legend()
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import TrainConfig
+from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
-from toyaccel.text import TextBundle, load_text_data, perplexity
+from toyaccel.text import TextBundle, load_text_data, perplexity, synthetic_text
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
@@ -142,3 +143,94 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
         idx = torch.cat((idx, idx_next), dim=1)
     model.train(was_training)
     return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# A saved run: generate and evaluate (toyaccel-generate, toyaccel-evaluate)
+
+
+def load_gpt_run(run_dir: str | Path):
+    """The model, tokenizer and config.json of a saved ``--model gpt`` run."""
+    from toyaccel.outputs import load_model, read_run_config
+    from toyaccel.text import load_tokenizer
+    from toyaccel.workloads import workload_of_run
+
+    saved = read_run_config(run_dir)
+    if workload_of_run(saved) != "gpt":
+        raise ToyaccelError(f"{run_dir} holds a {workload_of_run(saved)} run; toyaccel-generate needs a --model gpt run")
+    return load_model(run_dir), load_tokenizer(saved.get("tokenizer", {}), Path(run_dir)), saved
+
+
+def generate_from_run(
+    run_dir: str | Path, prompt: str = START_CONTEXT, max_new_tokens: int = SAMPLE_TOKENS, temperature: float = 0.0,
+    top_k: int | None = None, seed: int = 123, context_length: int | None = None,
+) -> str:  # fmt: skip
+    """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
+    if max_new_tokens < 0:
+        raise ToyaccelError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if not (temperature >= 0.0 and temperature != float("inf")):
+        raise ToyaccelError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ToyaccelError(f"--top-k must be at least 1, got {top_k}")
+    model, tokenizer, saved = load_gpt_run(run_dir)
+    table = saved["model"]["context_length"]
+    context_length = table if context_length is None else context_length
+    if not 1 <= context_length <= table:
+        raise ToyaccelError(
+            f"--context-length {context_length} is beyond the model's position table of {table} tokens "
+            f"(its context_length); use 1..{table}"
+        )
+    tokenizer.check_prompt(prompt)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ToyaccelError("the prompt is empty: give at least one character with --prompt")
+    generator = torch.Generator().manual_seed(seed)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, context_length, temperature, top_k, generator)
+    return tokenizer.decode(out[0].tolist())
+
+
+def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | None) -> dict[str, Any]:
+    """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
+    once; under ``accelerate launch`` the processes share the windows and report the same figures."""
+    from toyaccel.config import build_config
+    from toyaccel.data import build_eval_loader
+    from toyaccel.text import TextWindows, read_text, split_text
+    from toyaccel.training import build_accelerator, check_world, release
+
+    model, tokenizer, saved = load_gpt_run(run_dir)
+    options = saved["config"]
+    if data is None:
+        if options.get("val_data"):
+            text, what = read_text(options["val_data"]), options["val_data"]
+        elif options.get("val_fraction"):
+            source = options["data"]
+            full = synthetic_text(options["num_samples"], options["seed"]) if source == "synthetic" else read_text(source)
+            text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
+        else:
+            raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
+    else:
+        text, what = (synthetic_text(options["num_samples"], options["seed"]), "synthetic") if data == "synthetic" \
+            else (read_text(data), data)  # fmt: skip
+    context = saved["model"]["context_length"]
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    dataset = TextWindows(ids, context, options.get("stride") or context)
+    if len(dataset) == 0:
+        raise ToyaccelError(f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target")
+    config = build_config(None, model="gpt", batch_size=batch_size or 8, output_dir=str(run_dir))
+    accelerator = build_accelerator(config)
+    try:
+        check_world(accelerator)
+        metrics = evaluate_prepared(accelerator, model, build_eval_loader(dataset, config, config.batch_size))
+    finally:
+        release(accelerator)
+    return {"data": f"{what} ({len(dataset)} windows, {metrics['tokens']} tokens)", **metrics}
+
+
+def evaluate_prepared(accelerator, model, loader) -> dict[str, Any]:
+    # Its own function so the prepared (DDP) model is gone before release() ends the process group.
+    model, loader = accelerator.prepare(model, loader)
+    return evaluate(accelerator, model, loader)
+
+
+def format_evaluation(metrics: dict[str, Any]) -> str:
+    return f"evaluated on {metrics['data']}\nloss {metrics['loss']:.6f} | perplexity {metrics['perplexity']:.4f}"

@@ -1,0 +1,301 @@
+"""The book's GPT as a second workload (issue 13): same script, same guarantees as the MLP.
+
+Every run is tiny (1 block, width 16-32, contexts of 16-32 characters of the synthetic text) so the
+module stays fast. The subprocess runs start together in threads (their start-ups overlap); the
+in-process runs go through the command line's own entry point with one thread, as the launched
+processes have, so that a run killed in a subprocess and resumed here can be bit-equal.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from book_gpt import GPTModel as BookGPTModel
+from book_gpt import generate_text_simple
+from conftest import (
+    accelerate_launch,
+    assert_weights_equal,
+    check_ok,
+    read_json,
+    read_jsonl,
+    run_python,
+    step_losses,
+    weights,
+)
+from safetensors.torch import load_file
+
+from toyaccel import load_model
+from toyaccel.checkpoint import checkpoint_dirs, verify_checkpoint
+from toyaccel.cli import evaluate_main, generate_main, train_main
+from toyaccel.gpt_model import GPTModel
+from toyaccel.inference import evaluate_run
+from toyaccel.text import synthetic_entropy, synthetic_text
+from toyaccel.training import own_random_stream
+
+TINY = ("--model", "gpt", "--context-length", "16", "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1")
+TINY += ("--no-plot", "--no-progress", "--lr", "0.003")
+# 1200 characters: 1080 train (67 windows of 16), 120 validation (7 windows); global batch 6 -> 11 steps.
+EQUIV = (*TINY, "--num-samples", "1200", "--epochs", "1", "--drop-rate", "0")
+# Two epochs with dropout, checkpoints at 3, 6, 9, 11 (epoch end), 12, 15, 18, 21, 22.
+DROPOUT = (*TINY, "--num-samples", "1200", "--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "3")
+DROPOUT += ("--keep-last", "0", "--log-every", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def token_cache(tmp_path_factory):
+    """A private token cache, and one thread in this process as in the launched ones."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TOYACCEL_CACHE_DIR", str(tmp_path_factory.mktemp("token_cache")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def train_here(out: Path, *args: str) -> int:
+    return train_main([*args, "--output-dir", str(out)])
+
+
+def launch(config: str, out: Path, *args: str, num_processes: int | None = None, env=None):
+    return accelerate_launch(config, *args, "--output-dir", str(out), num_processes=num_processes, env=env)
+
+
+def train_killed(out: Path, fault: str, *args: str):
+    proc = run_python("scripts/train.py", *args, "--output-dir", str(out), env={"TOYACCEL_FAULT": fault})
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory, token_cache):
+    """The subprocess runs, started together; the in-process reference runs meanwhile."""
+    root = tmp_path_factory.mktemp("gpt_runs")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = {
+            "two_x_3": pool.submit(launch, "multi_cpu.yaml", root / "two_x_3", *EQUIV, "--batch-size", "3"),
+            "three_x_2": pool.submit(
+                launch, "multi_cpu.yaml", root / "three_x_2", *EQUIV, "--batch-size", "2", num_processes=3
+            ),
+            "dropout_two_x_3": pool.submit(launch, "multi_cpu.yaml", root / "dropout_two", *DROPOUT, "--batch-size", "3"),
+            "killed": pool.submit(train_killed, root / "killed", "step:14", *DROPOUT, "--batch-size", "6"),
+        }
+        assert train_here(root / "one_x_6", *EQUIV, "--batch-size", "6") == 0
+        assert train_here(root / "dropout_one", *DROPOUT, "--batch-size", "6") == 0
+        results = {name: job.result() for name, job in jobs.items()}
+    for name in ("two_x_3", "three_x_2", "dropout_two_x_3"):
+        check_ok(results[name])
+    return root
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, token_cache) -> Path:
+    """A run long enough to learn the synthetic text (about 140 AdamW steps), with dropout off."""
+    out = tmp_path_factory.mktemp("learned") / "run"
+    args = ("--model", "gpt", "--context-length", "32", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1")
+    args += ("--num-samples", "20000", "--batch-size", "16", "--epochs", "4", "--lr", "0.01", "--drop-rate", "0")
+    args += ("--no-progress",)
+    assert train_here(out, *args) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs a reader of the book can use
+
+
+def test_the_books_gpt_loads_the_saved_weights_and_gives_the_same_logits(learned):
+    cfg = read_json(learned / "config.json")["model"]
+    assert set(cfg) == {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias"}
+    book = BookGPTModel(cfg)
+    missing, unexpected = book.load_state_dict(load_file(str(learned / "model.safetensors")), strict=False)
+    assert unexpected == []
+    assert missing == [f"trf_blocks.{i}.att.mask" for i in range(cfg["n_layers"])]
+    ids = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]), generator=torch.Generator().manual_seed(0))
+    ours = load_model(learned)
+    assert isinstance(ours, GPTModel)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), book.eval()(ids), atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_initial_weights_as_the_books_code():
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.1,
+           "qkv_bias": True}  # fmt: skip
+    torch.manual_seed(123)
+    book = BookGPTModel(cfg).state_dict()
+    torch.manual_seed(123)
+    ours = GPTModel(cfg).state_dict()
+    assert_weights_equal(ours, {k: v for k, v in book.items() if not k.endswith(".att.mask")})
+
+
+def test_val_loss_approaches_the_known_entropy_of_the_synthetic_text(learned):
+    results = read_json(learned / "results.json")
+    entropy = synthetic_entropy(123)  # nats per character: no model can do better on average
+    assert entropy - 0.05 < results["val_loss"] < entropy + 0.1, (results["val_loss"], entropy)
+    assert results["val_perplexity"] == pytest.approx(torch.tensor(results["val_loss"]).exp().item(), rel=1e-6)
+    assert {"val_loss", "val_perplexity", "train_loss", "tokens_per_s", "world_size", "global_step"} <= set(results)
+    assert results["tokens_per_s"] > 0 and results["world_size"] == 1
+    epochs = [r for r in read_jsonl(learned / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert len(epochs) == 4 and all(r["sample"] and r["val_ppl"] > 1 for r in epochs)
+    assert (learned / "loss.png").stat().st_size > 0 and (learned / "tokenizer.json").exists()
+
+
+def test_generate_is_the_books_greedy_generation_and_seeded_sampling(learned, capsys):
+    assert generate_main([str(learned), "--prompt", "abc", "--max-new-tokens", "12"]) == 0
+    greedy = capsys.readouterr().out.strip()
+    book = BookGPTModel(read_json(learned / "config.json")["model"])
+    book.load_state_dict(load_file(str(learned / "model.safetensors")), strict=False)
+    book_ids = generate_text_simple(book.eval(), torch.tensor([list(b"abc")]), 12, 32)
+    assert greedy == bytes(book_ids[0].tolist()).decode()
+    sampled = []
+    for _ in range(2):
+        assert generate_main([str(learned), "--prompt", "abc", "--max-new-tokens", "20", "--temperature", "1.5",
+                              "--top-k", "5", "--seed", "7"]) == 0  # fmt: skip
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and sampled[0].strip() != greedy
+
+
+def test_evaluate_reports_the_runs_validation_loss_and_a_text_file(learned, tmp_path, capsys):
+    results = read_json(learned / "results.json")
+    assert evaluate_run(learned)["loss"] == results["val_loss"]
+    text = tmp_path / "other.txt"
+    text.write_text(synthetic_text(2000, seed=5))
+    assert evaluate_main([str(learned), "--data", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "loss " in out and "perplexity " in out and "62 windows, 1984 tokens" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed guarantees
+
+
+def test_n_processes_equal_one_process_with_the_whole_batch(background):
+    one = weights(background / "one_x_6")
+    for name in ("two_x_3", "three_x_2"):
+        other = weights(background / name)
+        for k in one:  # 11 AdamW steps; AdamW's division by sqrt(v) magnifies last-bit differences
+            assert torch.allclose(one[k], other[k], atol=2e-6, rtol=0), f"{name} {k}: {(one[k] - other[k]).abs().max()}"
+        assert step_losses(background / name) == pytest.approx(step_losses(background / "one_x_6"), abs=1e-6)
+
+
+def test_validation_loss_is_the_same_for_any_number_of_processes(background):
+    """Each run evaluated its final weights over its processes; one process on the same weights agrees."""
+    for name in ("one_x_6", "two_x_3", "three_x_2"):
+        results, here = read_json(background / name / "results.json"), evaluate_run(background / name)
+        assert (here["loss"], here["tokens"]) == (results["val_loss"], 7 * 16), name
+
+
+def test_dropout_has_its_own_stream_per_process_and_leaves_the_data_order_alone(background):
+    before = torch.get_rng_state()
+    masks = {}
+    for rank in (0, 1):
+        with own_random_stream(123, rank, 5, 0):
+            masks[rank] = torch.nn.functional.dropout(torch.ones(1000), 0.5)
+    with own_random_stream(123, 0, 5, 0):
+        again = torch.nn.functional.dropout(torch.ones(1000), 0.5)
+    assert torch.equal(masks[0], again) and not torch.equal(masks[0], masks[1])
+    assert torch.equal(torch.get_rng_state(), before)
+    # With dropout on, 2 processes x 3 shuffle epoch 2 exactly as 1 process x 6 does.
+    seeds = [verify_checkpoint(background / run / "checkpoints" / "step_21").epoch_seed for run in ("dropout_one", "dropout_two")]
+    assert seeds[0] is not None and seeds[0] == seeds[1]
+
+
+def test_killed_mid_epoch_then_resumed_is_bitwise_equal_with_dropout(background):
+    killed = background / "killed"
+    assert [p.name for p in checkpoint_dirs(killed)][0] == "step_12" and not (killed / "model.safetensors").exists()
+    assert train_here(killed, *DROPOUT, "--batch-size", "6", "--resume", "latest") == 0
+    assert_weights_equal(weights(killed), weights(background / "dropout_one"))
+    assert step_losses(killed) == step_losses(background / "dropout_one")
+    assert read_json(killed / "results.json")["val_loss"] == read_json(background / "dropout_one" / "results.json")["val_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text sources and tokenizers
+
+
+def test_bpe_on_a_folder_of_text_files(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(2):  # no third-party text: the synthetic letters, cut into words
+        (folder / f"part{i}.txt").write_text(synthetic_text(3000, seed=i).replace("o", "\n"))
+    out = tmp_path / "run"
+    assert train_here(out, *TINY, "--data", str(folder), "--vocab-size", "300", "--epochs", "1") == 0
+    saved = read_json(out / "config.json")
+    assert saved["tokenizer"]["type"] == "bpe" and 256 < saved["tokenizer"]["size"] <= 300
+    capsys.readouterr()
+    assert generate_main([str(out), "--max-new-tokens", "5"]) == 0  # any text encodes in a byte-level BPE
+    assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+def test_gpt2_tokenizer_is_the_books_where_tiktoken_has_its_files():
+    from toyaccel.errors import ToyaccelError
+    from toyaccel.text import GPT2Tokenizer
+
+    try:
+        tokenizer = GPT2Tokenizer()
+    except ToyaccelError as e:
+        pytest.skip(f"tiktoken's gpt2 files cannot be had here: {e}")
+    assert tokenizer.encode("Every effort moves you") == [6109, 3626, 6100, 345] and tokenizer.size == 50257
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+def bad_text_files(tmp_path: Path) -> dict[str, Path]:
+    files = {"empty": tmp_path / "empty.txt", "latin1": tmp_path / "latin1.txt", "short": tmp_path / "short.txt"}
+    files["empty"].write_text("")
+    files["latin1"].write_bytes("caf\xe9 au lait".encode("latin-1"))
+    files["short"].write_text("far too short for a window\n")
+    return files
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "no text"),
+        ("latin1", "not UTF-8 text"),
+        ("short", "too short for one window"),
+        ("tokenizer", "argument --tokenizer: invalid choice: 'wordpiece'"),
+        ("mlp_option", "emb_dim is an option of --model gpt"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
+    files = bad_text_files(tmp_path)
+    args = {
+        "tokenizer": ("--model", "gpt", "--tokenizer", "wordpiece"),
+        "mlp_option": ("--emb-dim", "16"),
+    }.get(case, ("--model", "gpt", "--data", str(files.get(case)), "--context-length", "64"))
+    out = tmp_path / "run"
+    assert train_main([*args, "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--context-length", "33"), "beyond the model's position table of 32 tokens"),
+        (("--prompt", "Every effort"), "characters the model never saw in training: 'Ertvy'"),
+        (("--top-k", "0"), "--top-k must be at least 1"),
+    ],
+)
+def test_bad_generate_input_is_one_line(learned, capsys, args, message):
+    assert generate_main([str(learned), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_config_file_sections(tmp_path):
+    from toyaccel.cli import parse_train_args
+
+    (tmp_path / "gpt.yaml").write_text(json.dumps({"model": {"model": "gpt", "n_layers": 2}, "optimizer": {"lr": 0.001}}))
+    config = parse_train_args(["--config", str(tmp_path / "gpt.yaml"), "--lr", "0.002"])
+    assert (config.model, config.n_layers, config.lr, config.optimizer, config.weight_decay) == ("gpt", 2, 0.002, "adamw", 0.1)
+    preset = parse_train_args(["--model", "gpt", "--preset", "gpt2-124m", "--context-length", "256"])
+    assert (preset.vocab_size, preset.emb_dim, preset.n_layers, preset.context_length, preset.stride) == (50257, 768, 12, 256, 256)
