@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -148,29 +149,27 @@ def device_accelerator(device: str, output_dir: str):
         release(accelerator)
 
 
-class ToyaccelLoop:
-    """toyaccel's training loop, set up as toyaccel.training.train() sets it up (minus outputs)."""
+class PreparedLoop:
+    """toyaccel's training loop for any workload, set up as toyaccel.training.train() sets it up (minus
+    outputs). ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
 
-    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
+    tokens_per_sample = 1
+
+    def __init__(self, dataset, config, model, optimizer, accelerator, output_dir, log_every=None):
         from toyaccel.checkpoint import TrainerState
         from toyaccel.data import build_train_loader
         from toyaccel.metrics import MetricsLogger
 
-        self.config = TrainConfig(
-            data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
-            hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
-            output_dir=output_dir,
-        )  # fmt: skip
+        self.config = config
         self.accelerator = accelerator
-        loader = build_train_loader(ToyDataset(features, labels), self.config, self.accelerator.num_processes)
+        loader = build_train_loader(dataset, self.config, self.accelerator.num_processes)
         self.sampler = loader.batch_sampler
-        model, optimizer = seeded_model(hidden, "cpu")
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.state = TrainerState(global_batch=self.sampler.global_batch, world_size=self.accelerator.num_processes)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
             self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
-        self.log_every = max(1, self.sampler.steps_per_epoch // 10)  # fit's default: about ten log lines an epoch
+        self.log_every = log_every or max(1, self.sampler.steps_per_epoch // 10)  # fit's default: ~10 lines an epoch
 
     def epoch(self) -> int:
         from toyaccel.training import train_one_epoch
@@ -183,19 +182,32 @@ class ToyaccelLoop:
                 self.logger, self.log_every,
             )  # fmt: skip
         self.state.finish_epoch()
-        return (self.state.global_step - first_step) * self.state.global_batch
+        return (self.state.global_step - first_step) * self.state.global_batch * self.tokens_per_sample
 
     def close(self) -> None:
         del self.model, self.optimizer, self.loader
         self.accelerator.free_memory()  # drop its references to what it prepared for this loop
 
 
+class ToyaccelLoop(PreparedLoop):
+    """The MLP under toyaccel's loop."""
+
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
+        config = TrainConfig(
+            data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
+            hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
+            output_dir=output_dir,
+        )  # fmt: skip
+        model, optimizer = seeded_model(hidden, "cpu")
+        super().__init__(ToyDataset(features, labels), config, model, optimizer, accelerator, output_dir)
+
+
 class MatmulPeak:
     """Square fp32 matrix products of the large MLP's width: the best a dense layer can do here."""
 
-    def __init__(self, size, device, seconds=0.3):
-        self.a = torch.randn(size, size, device=device)
-        self.b = torch.randn(size, size, device=device)
+    def __init__(self, size, device, seconds=0.3, dtype=torch.float32):
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.flops_per_product = 2 * size**3
         start = time.perf_counter()
         torch.mm(self.a, self.b)
@@ -306,6 +318,182 @@ def loop_rows(args, device: str, work_dir: str) -> list[dict]:
                 print(f"{device} {model_name} MLP, batch {b} ...", file=sys.stderr, flush=True)
                 rows += loop_group(features, labels, model_name, hidden, b, accelerator, args, work_dir)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPT: toyaccel's (fused kernels, toyaccel's loop) against the book's chapter 4-5 code as printed
+# (tests/book_gpt.py: stored-mask attention, its LayerNorm and GELU, GPTDatasetV1 and a DataLoader,
+# train_model_simple's steps), same config, same seed, same data order: same losses at dropout 0.
+
+GPT_SMALL = {"vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
+             "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+GPT_QUICK = {**GPT_SMALL, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1}
+GPT_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
+            "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+
+
+def book_gpt():
+    spec = importlib.util.spec_from_file_location("book_gpt", REPO / "tests" / "book_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gpt_tokens(num_tokens: int) -> torch.Tensor:
+    """The synthetic text read byte by byte: ids below 256, inside any vocabulary used here."""
+    from toyaccel.text import synthetic_text
+
+    return torch.tensor(list(synthetic_text(num_tokens, SEED).encode()), dtype=torch.int64)
+
+
+class BookGPTLoop:
+    def __init__(self, ids, cfg, batch_size, device):
+        self.book = book_gpt()
+        context = cfg["context_length"]
+        dataset = self.book.GPTDatasetV1(ids.tolist(), context, context)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+        torch.manual_seed(SEED)
+        self.model = self.book.GPTModel(cfg).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.0004, weight_decay=0.1)
+        self.device, self.tokens_per_step, self.losses = device, batch_size * context, []
+
+    def epoch(self) -> int:
+        steps = len(self.loader)
+        self.losses = self.book.train_steps_simple(self.model, self.loader, self.optimizer, self.device, steps)
+        return len(self.losses) * self.tokens_per_step
+
+
+class GPTLoop(PreparedLoop):
+    """toyaccel's GPT in toyaccel's loop, one log line per step (its losses are compared with the book's)."""
+
+    def __init__(self, ids, cfg, batch_size, accelerator, output_dir, **options):
+        from toyaccel.text import TextWindows
+        from toyaccel.training import build_optimizer
+        from toyaccel.workloads import gpt
+
+        config = TrainConfig(model="gpt", data="synthetic", batch_size=batch_size, seed=SEED, progress=False,
+                             plot=False, output_dir=output_dir, **cfg, **options)  # fmt: skip
+        torch.manual_seed(SEED)
+        model = gpt.build_model(config, None)
+        optimizer = build_optimizer(config, model)
+        context = cfg["context_length"]
+        super().__init__(TextWindows(ids, context, context), config, model, optimizer, accelerator, output_dir, 1)
+        self.tokens_per_sample = context
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.logger.history if r.get("kind") == "step"]
+
+
+def reset_peak_memory(device: str) -> float:
+    """Start a new peak; return the memory in use now (MiB): CUDA allocated, or this process's RSS."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
+    return proc_status_mib("VmRSS")
+
+
+def peak_memory(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_status_mib("VmHWM")
+
+
+def proc_status_mib(field: str) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def first_epoch_memory(loop, device: str) -> dict:
+    """The loop's first (warm-up) epoch, with the peak memory it reached."""
+    before = reset_peak_memory(device)
+    timed(loop, device)
+    synchronize(device)
+    peak = peak_memory(device)
+    kind = "max_allocated" if device == "cuda" else "rss"
+    return {f"peak_{kind}_mib": peak, f"growth_{kind}_mib": peak - before}
+
+
+def gpt_flops_per_token(cfg: dict) -> float:
+    """6 x the matrix-product parameters (all but the embedding tables) + causal attention's
+    12 x layers x width x context (the PaLM paper's count, as nanoGPT's MFU)."""
+    emb, layers, context = cfg["emb_dim"], cfg["n_layers"], cfg["context_length"]
+    per_block = 4 * emb * emb + 8 * emb * emb  # q, k, v, out projections; the 4x feed-forward
+    matmul_params = layers * per_block + emb * cfg["vocab_size"]
+    return 6 * matmul_params + 12 * layers * emb * context
+
+
+def gpt_rows(args, device: str, work_dir: str) -> dict:
+    """The book's code and toyaccel's GPT side by side (fp32); on a GPU, also toyaccel's fast path:
+    GPT-124M's shape, bf16, fused AdamW, flash attention, vocab padded to 64, torch.compile."""
+    cfg = GPT_QUICK if args.quick else GPT_SMALL
+    if device == "cuda":
+        cfg = GPT_124M
+    batch, steps = args.gpt_batch_size, args.gpt_steps
+    ids = gpt_tokens(steps * batch * cfg["context_length"] + 1)
+    out = {"config": cfg, "batch_size": batch, "steps_per_epoch": steps, "rows": []}
+    with device_accelerator(device, work_dir) as accelerator:
+        loops = {"book": BookGPTLoop(ids, cfg, batch, device)}
+        memory = {"book": first_epoch_memory(loops["book"], device)}
+        loops["toyaccel"] = GPTLoop(ids, cfg, batch, accelerator, f"{work_dir}/gpt")
+        try:
+            memory["toyaccel"] = first_epoch_memory(loops["toyaccel"], device)
+            book_losses, our_losses = loops["book"].losses, loops["toyaccel"].losses
+            out["max_loss_difference"] = max(abs(a - b) for a, b in zip(book_losses, our_losses))
+            out["first_losses"] = {"book": book_losses[:3], "toyaccel": our_losses[:3]}
+            wall, cpu = measure(loops, device, 0, args.gpt_repeats)
+        finally:
+            loops["toyaccel"].close()
+    for name in loops:
+        row = {"loop": name, "device": device, "precision": "fp32", **memory[name]}
+        row.update({k.replace("samples", "tokens"): v for k, v in summary(wall[name], cpu[name]).items()})
+        out["rows"].append(row)
+    out["toyaccel_vs_book"] = out["rows"][1]["tokens_per_s"] / out["rows"][0]["tokens_per_s"]
+    if device == "cuda":
+        out["rows"].append(gpt_fast_row(args, cfg, ids, work_dir))
+    return out
+
+
+def gpt_fast_row(args, cfg: dict, ids: torch.Tensor, work_dir: str) -> dict:
+    from toyaccel.training import build_accelerator, release
+
+    options = {"mixed_precision": "bf16", "compile": True}
+    accelerator = build_accelerator(TrainConfig(model="gpt", output_dir=work_dir, **options))
+    try:
+        loop = GPTLoop(ids, cfg, args.gpt_batch_size, accelerator, f"{work_dir}/gpt-fast", **options)
+        try:
+            memory = first_epoch_memory(loop, "cuda")  # includes compiling
+            wall, _ = measure({"fast": loop}, "cuda", 0, args.gpt_repeats)
+        finally:
+            loop.close()
+    finally:
+        release(accelerator)
+    peak = MatmulPeak(8192, "cuda", dtype=torch.bfloat16)
+    peak_flops = statistics.median(timed(peak, "cuda")[0] / timed(peak, "cuda")[1] for _ in range(3))
+    peak_flops *= peak.flops_per_product
+    row = {"loop": "toyaccel-fast", "device": "cuda", "precision": "bf16", "compile": True, "vocab_padded_to": 64,
+           **memory, **{k.replace("samples", "tokens"): v for k, v in summary(wall["fast"]).items()}}  # fmt: skip
+    row["bf16_matmul_tflops"] = peak_flops / 1e12
+    row["mfu"] = row["tokens_per_s"] * gpt_flops_per_token(cfg) / peak_flops
+    return row
+
+
+def gpt_table(gpt: dict) -> list[str]:
+    cfg = gpt["config"]
+    lines = [f"\nGPT ({cfg['n_layers']} layers, emb {cfg['emb_dim']}, {cfg['n_heads']} heads, context "
+             f"{cfg['context_length']}, vocab {cfg['vocab_size']}, batch {gpt['batch_size']}, dropout 0), "
+             "tokens/s, median of the repeats:", ""]  # fmt: skip
+    for row in gpt["rows"]:
+        memory = ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k.startswith(("peak_", "growth_")))
+        extra = f" | MFU {row['mfu']:.1%} of {row['bf16_matmul_tflops']:.0f} TFLOP/s" if "mfu" in row else ""
+        lines.append(f"  {row['loop']:<14} {row['device']} {row['precision']}: {fmt_rate(row['tokens_per_s'])} "
+                     f"(noise {row['spread']:.2f}) | {memory} MiB{extra}")  # fmt: skip
+    lines.append(f"  toyaccel vs book: {gpt['toyaccel_vs_book']:.2f}x (target >= 1.5); largest step-loss difference "
+                 f"over the first epoch: {gpt['max_loss_difference']:.2g}")  # fmt: skip
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +706,8 @@ def table(result: dict) -> str:
             f"\nstart-up: `python scripts/train.py` logged its first step after {startup['first_step_s']:.2f} s "
             f"(`python -c 'import torch, accelerate'` alone: {startup['import_torch_accelerate_s']:.2f} s)"
         )
+    for gpt in result.get("gpt", {}).values():
+        lines += gpt_table(gpt)
     lines.append("\ntargets (ratios of this run's medians; in brackets: the same from CPU time):")
     for device in result["devices"]:
         got = result["ratios"][device]
@@ -566,7 +756,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddp-samples", type=int, default=16384, help="large MLP: samples per DDP epoch")
     p.add_argument("--ddp-repeats", type=int, default=2, help="timed epochs per launch")
     p.add_argument("--ddp-rounds", type=int, default=2, help="alternating 1-process / N-process launches")
-    p.add_argument("--parts", default="loops,ddp,startup", help="which measurements to run (default: %(default)s)")
+    p.add_argument("--parts", default="loops,ddp,startup,gpt", help="which measurements to run (default: %(default)s)")
+    p.add_argument("--gpt-batch-size", type=int, default=8, help="GPT: windows per step (default: %(default)s)")
+    p.add_argument("--gpt-steps", type=int, default=8, help="GPT: optimizer steps per timed epoch")
+    p.add_argument("--gpt-repeats", type=int, default=3, help="GPT: timed epochs per loop")
     p.add_argument("--startup-repeats", type=int, default=3)
     p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launched process")
@@ -576,12 +769,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.samples, args.large_samples, args.ddp_samples, args.peak_seconds = 2048, 512, 512, 0.05
         args.batch_sizes, args.large_hidden, args.ddp_batch_sizes = "32,256", "256,256", "128"
         args.repeats = args.repeats_large = args.ddp_repeats = args.ddp_rounds = args.startup_repeats = 1
+        args.gpt_batch_size, args.gpt_steps, args.gpt_repeats = 4, 3, 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.ddp_batch_sizes = [int(b) for b in args.ddp_batch_sizes.split(",")]
     args.large_hidden = parse_hidden(args.large_hidden)
     args.parts = set(args.parts.split(","))
-    if not args.parts <= {"loops", "ddp", "startup"}:
-        p.error(f"--parts: expected a comma-separated subset of loops,ddp,startup, got {','.join(sorted(args.parts))}")
+    if not args.parts <= {"loops", "ddp", "startup", "gpt"}:
+        p.error(f"--parts: expected a subset of loops,ddp,startup,gpt, got {','.join(sorted(args.parts))}")
     if args.devices == "auto":
         args.devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     args.devices = args.devices.split(",")
@@ -604,6 +798,9 @@ def main(argv=None) -> int:
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)
                 result["rows"] += ddp_rows(args, device)
             result["ratios"][device] = ratios(result["rows"], device)
+            if "gpt" in args.parts:
+                print(f"{device} GPT ...", file=sys.stderr, flush=True)
+                result.setdefault("gpt", {})[device] = gpt_rows(args, device, work_dir)
         if "startup" in args.parts:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)

@@ -82,7 +82,9 @@ def background(tmp_path_factory, token_cache):
             "three_x_2": pool.submit(
                 launch, "multi_cpu.yaml", root / "three_x_2", *EQUIV, "--batch-size", "2", num_processes=3
             ),
-            "dropout_two_x_3": pool.submit(launch, "multi_cpu.yaml", root / "dropout_two", *DROPOUT, "--batch-size", "3"),
+            "dropout_two_x_3": pool.submit(
+                launch, "multi_cpu.yaml", root / "dropout_two", *DROPOUT, "--batch-size", "3"
+            ),
             "killed": pool.submit(train_killed, root / "killed", "step:14", *DROPOUT, "--batch-size", "6"),
         }
         assert train_here(root / "one_x_6", *EQUIV, "--batch-size", "6") == 0
@@ -200,7 +202,10 @@ def test_dropout_has_its_own_stream_per_process_and_leaves_the_data_order_alone(
     assert torch.equal(masks[0], again) and not torch.equal(masks[0], masks[1])
     assert torch.equal(torch.get_rng_state(), before)
     # With dropout on, 2 processes x 3 shuffle epoch 2 exactly as 1 process x 6 does.
-    seeds = [verify_checkpoint(background / run / "checkpoints" / "step_21").epoch_seed for run in ("dropout_one", "dropout_two")]
+    seeds = [
+        verify_checkpoint(background / run / "checkpoints" / "step_21").epoch_seed
+        for run in ("dropout_one", "dropout_two")
+    ]
     assert seeds[0] is not None and seeds[0] == seeds[1]
 
 
@@ -210,7 +215,10 @@ def test_killed_mid_epoch_then_resumed_is_bitwise_equal_with_dropout(background)
     assert train_here(killed, *DROPOUT, "--batch-size", "6", "--resume", "latest") == 0
     assert_weights_equal(weights(killed), weights(background / "dropout_one"))
     assert step_losses(killed) == step_losses(background / "dropout_one")
-    assert read_json(killed / "results.json")["val_loss"] == read_json(background / "dropout_one" / "results.json")["val_loss"]
+    assert (
+        read_json(killed / "results.json")["val_loss"]
+        == read_json(background / "dropout_one" / "results.json")["val_loss"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +302,38 @@ def test_bad_generate_input_is_one_line(learned, capsys, args, message):
 def test_config_file_sections(tmp_path):
     from toyaccel.cli import parse_train_args
 
-    (tmp_path / "gpt.yaml").write_text(json.dumps({"model": {"model": "gpt", "n_layers": 2}, "optimizer": {"lr": 0.001}}))
+    (tmp_path / "gpt.yaml").write_text(
+        json.dumps({"model": {"model": "gpt", "n_layers": 2}, "optimizer": {"lr": 0.001}})
+    )
     config = parse_train_args(["--config", str(tmp_path / "gpt.yaml"), "--lr", "0.002"])
-    assert (config.model, config.n_layers, config.lr, config.optimizer, config.weight_decay) == ("gpt", 2, 0.002, "adamw", 0.1)
+    assert (config.model, config.n_layers, config.lr, config.optimizer, config.weight_decay) == (
+        "gpt",
+        2,
+        0.002,
+        "adamw",
+        0.1,
+    )
     preset = parse_train_args(["--model", "gpt", "--preset", "gpt2-124m", "--context-length", "256"])
-    assert (preset.vocab_size, preset.emb_dim, preset.n_layers, preset.context_length, preset.stride) == (50257, 768, 12, 256, 256)
+    assert (preset.vocab_size, preset.emb_dim, preset.n_layers, preset.context_length, preset.stride) == (
+        50257,
+        768,
+        12,
+        256,
+        256,
+    )
+
+
+def test_vocab_padding_stays_inside_the_model():
+    """On a GPU the vocabulary rows are padded to a multiple of 64; the saved weights keep the book's."""
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0,
+           "qkv_bias": False}  # fmt: skip
+    torch.manual_seed(0)
+    plain = GPTModel(cfg)
+    torch.manual_seed(0)
+    padded = GPTModel(cfg, pad_vocab_to=64)
+    assert padded.out_head.weight.shape[0] == 64
+    assert_weights_equal(padded.state_dict(), plain.state_dict())
+    reloaded = GPTModel(cfg, pad_vocab_to=64)
+    reloaded.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 50, (2, 8))
+    assert torch.equal(reloaded(ids), padded(ids)) and torch.allclose(padded(ids), plain(ids), atol=1e-6)

@@ -66,7 +66,9 @@ class TrainConfig:
         "mlp: 'toy' (the book's 5+2 points, default), 'synthetic' (seeded Gaussian blobs) or a CSV path; "
         "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file or a folder of .txt files",
     )
-    val_data: str | None = _opt(None, "validation data: CSV rows (mlp; default: the book's test set for 'toy') or text (gpt)")
+    val_data: str | None = _opt(
+        None, "validation data: CSV rows (mlp; default: the book's test set for 'toy') or text (gpt)"
+    )
     val_fraction: float | None = _opt(
         None, "mlp: hold out this fraction of the rows (seeded split; default 0); gpt: the last fraction of the text "
         "(default 0.1, the book's train_ratio 0.9)"
@@ -80,11 +82,15 @@ class TrainConfig:
         None, "gpt: bpe (byte-level BPE trained on the training text, default), bytes (default for synthetic) "
         "or gpt2 (tiktoken, needs its files)", choices=TOKENIZERS,
     )
-    vocab_size: int | None = _opt(None, "gpt: vocabulary size of the model (the BPE learns at most this many; default 1024)")
+    vocab_size: int | None = _opt(
+        None, "gpt: vocabulary size of the model (the BPE learns at most this many; default 1024)"
+    )
     stride: int | None = _opt(None, "gpt: tokens between the starts of two windows (default: the context length)")
     # --- model --------------------------------------------------------------------------------
     hidden: tuple[int, ...] = _opt((30, 20), "mlp: hidden layer sizes, comma separated (the book: 30,20)")
-    preset: str | None = _opt(None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)", choices=tuple(PRESETS))
+    preset: str | None = _opt(
+        None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)", choices=tuple(PRESETS)
+    )
     context_length: int | None = _opt(None, "gpt: tokens per window and size of the position table (default 128)")
     emb_dim: int | None = _opt(None, "gpt: embedding size (default 128)")
     n_heads: int | None = _opt(None, "gpt: attention heads (default 4)")
@@ -107,7 +113,9 @@ class TrainConfig:
     )
     compile: bool = _opt(False, "torch.compile the model (same results within tolerance, slower start)")
     # --- outputs ------------------------------------------------------------------------------
-    output_dir: str | None = _opt(None, "where model, config, results, metrics and checkpoints go (default runs/toy or runs/gpt)")
+    output_dir: str | None = _opt(
+        None, "where model, config, results, metrics and checkpoints go (default: runs/toy, or runs/gpt)"
+    )
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
     resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")

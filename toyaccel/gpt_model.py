@@ -96,19 +96,50 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """``GPTModel(cfg)`` with the book's GPT_CONFIG dict; ``model(token_ids)`` gives the logits."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], pad_vocab_to: int = 1):
         super().__init__()
         self.cfg = {k: cfg[k] for k in GPT_CONFIG_KEYS}
+        self.vocab_size = cfg["vocab_size"]
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        # The position table is read with a slice: no arange tensor to build on every call.
+        self.padded_rows = -cfg["vocab_size"] % pad_vocab_to
+        if self.padded_rows:
+            self._pad_vocab()
+
+    def _pad_vocab(self) -> None:
+        """GPU matrix products are fastest with sizes divisible by 64 (the book's bonus: 50257 -> 50304).
+        The extra rows are zeros after the book's own initialisation (so the same seed gives the same
+        model), are never looked up, and their logits are cut off, so they never learn anything; the
+        state_dict keeps the book's shapes."""
+        for module in (self.tok_emb, self.out_head):
+            w = module.weight.data
+            module.weight = nn.Parameter(torch.cat([w, w.new_zeros(self.padded_rows, w.shape[1])]))
+        self._register_state_dict_hook(_unpad_state_dict)
+        self._register_load_state_dict_pre_hook(_pad_state_dict, with_module=True)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         seq_len = in_idx.shape[1]
+        # The position table is read with a slice: no arange tensor to build on every call.
         x = self.tok_emb(in_idx) + self.pos_emb.weight[:seq_len]
         x = self.trf_blocks(self.drop_emb(x))
-        return self.out_head(self.final_norm(x))
+        logits = self.out_head(self.final_norm(x))
+        return logits[..., : self.vocab_size] if self.padded_rows else logits
+
+
+PADDED = ("tok_emb.weight", "out_head.weight")
+
+
+def _unpad_state_dict(module: GPTModel, state_dict, prefix: str, local_metadata) -> None:
+    for name in PADDED:
+        state_dict[prefix + name] = state_dict[prefix + name][: module.vocab_size]
+
+
+def _pad_state_dict(module: GPTModel, state_dict, prefix: str, *args) -> None:
+    for name in PADDED:
+        w = state_dict.get(prefix + name)
+        if w is not None and w.shape[0] == module.vocab_size:
+            state_dict[prefix + name] = torch.cat([w, w.new_zeros(module.padded_rows, w.shape[1])])

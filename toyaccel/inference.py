@@ -68,7 +68,9 @@ def gpt_workload():
 def load_run(run_dir: str | Path) -> SavedRun:
     saved = read_run_config(run_dir)
     if workload_of_run(saved) != "mlp":
-        raise ToyaccelError(f"{run_dir} holds a {workload_of_run(saved)} run: use toyaccel-generate or toyaccel-evaluate")
+        raise ToyaccelError(
+            f"{run_dir} holds a {workload_of_run(saved)} run: use toyaccel-generate or toyaccel-evaluate"
+        )
     return SavedRun(str(run_dir), load_model(run_dir), saved)
 
 

@@ -17,7 +17,8 @@ from toyaccel.workloads import get_workload, workload_of_run
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
 RUN_FILES = (
-    "config.json", "results.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints", "logs",
+    "config.json", "results.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
+    "checkpoints", "logs",
 )  # fmt: skip
 # Names the launch that owns the folder (see launch_id); an elastic restart of it may carry on.
 LAUNCH_FILE = ".launch"

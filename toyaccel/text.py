@@ -36,7 +36,9 @@ def read_text(source: str) -> str:
     """A UTF-8 text file, or every ``*.txt`` file of a folder (sorted by name, joined by newlines)."""
     path = Path(source)
     if not path.exists():
-        raise ToyaccelError(f"{source}: no such file (--data takes synthetic, a UTF-8 text file or a folder of .txt files)")
+        raise ToyaccelError(
+            f"{source}: no such file (--data takes synthetic, a UTF-8 text file or a folder of .txt files)"
+        )
     files = sorted(p for p in path.glob("*.txt") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise ToyaccelError(f"{source}: a folder without .txt files")
@@ -228,7 +230,10 @@ def load_tokenizer(description: dict[str, Any], run_dir: Path):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TOYACCEL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "toyaccel"
+    root = (
+        os.environ.get("TOYACCEL_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "toyaccel"
+    )
     return Path(root) / "tokens"
 
 
@@ -259,9 +264,13 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
             if not (folder / "tokens.safetensors").exists():
                 write_cache(folder, kind, vocab_size, train_text, val_text)
             tokens = load_file(str(folder / "tokens.safetensors"))
-            tokenizer = GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.from_str((folder / "tokenizer.json").read_text())
+            tokenizer = (
+                GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.from_str((folder / "tokenizer.json").read_text())
+            )
     except OSError as e:
-        raise ToyaccelError(f"cannot use the token cache {folder} (set TOYACCEL_CACHE_DIR): {e.strerror or e}") from None
+        raise ToyaccelError(
+            f"cannot use the token cache {folder} (set TOYACCEL_CACHE_DIR): {e.strerror or e}"
+        ) from None
     return tokenizer, tokens["train"], tokens.get("val")
 
 
@@ -341,7 +350,10 @@ def load_text_data(config) -> TextBundle:
     if config.val_data:
         val_text = read_text(config.val_data)
     tokenizer, train_ids, val_ids = tokenize(config.tokenizer, config.vocab_size, train_text, val_text)
-    if tokenizer.size > config.vocab_size and max(train_ids.max(), val_ids.max() if val_ids is not None else 0) >= config.vocab_size:
+    if (
+        tokenizer.size > config.vocab_size
+        and max(train_ids.max(), val_ids.max() if val_ids is not None else 0) >= config.vocab_size
+    ):
         raise ToyaccelError(
             f"the {tokenizer.kind} tokenizer has {tokenizer.size} tokens but the model's vocab_size is "
             f"{config.vocab_size}; raise --vocab-size"

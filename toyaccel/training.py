@@ -74,7 +74,8 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     if overrides:
         config = config.replace(**overrides)
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
-    data = get_workload(config.model).load_data(config)  # bad input fails here, on every process, before anything is written
+    # Bad input fails here, on every process, before anything is written.
+    data = get_workload(config.model).load_data(config)
     accelerator = build_accelerator(config)
     try:
         return train(accelerator, config, data)
@@ -246,7 +247,8 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
     if config.optimizer == "adamw":
         # fused: one kernel for all parameters on CUDA (the book's bonus "fused AdamW"); same math.
         fused = torch.cuda.is_available() and config.mixed_precision != "fp16"
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+        decay = config.weight_decay
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=decay, fused=fused or None)
     if config.weight_decay:
         return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr)

@@ -28,8 +28,12 @@ def model_shape(config: TrainConfig, data: TextBundle | None = None) -> dict[str
     return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
 
 
+# Vocabulary rows are padded to a multiple of this on a GPU, inside the model only (see GPTModel).
+GPU_VOCAB_MULTIPLE = 64
+
+
 def build_model(config: TrainConfig, data: TextBundle) -> GPTModel:
-    return GPTModel(model_shape(config))
+    return GPTModel(model_shape(config), pad_vocab_to=GPU_VOCAB_MULTIPLE if torch.cuda.is_available() else 1)
 
 
 def model_from_shape(shape: dict[str, Any]) -> GPTModel:
@@ -157,7 +161,9 @@ def load_gpt_run(run_dir: str | Path):
 
     saved = read_run_config(run_dir)
     if workload_of_run(saved) != "gpt":
-        raise ToyaccelError(f"{run_dir} holds a {workload_of_run(saved)} run; toyaccel-generate needs a --model gpt run")
+        raise ToyaccelError(
+            f"{run_dir} holds a {workload_of_run(saved)} run; toyaccel-generate needs a --model gpt run"
+        )
     return load_model(run_dir), load_tokenizer(saved.get("tokenizer", {}), Path(run_dir)), saved
 
 
@@ -204,7 +210,9 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
             source = options["data"]
-            full = synthetic_text(options["num_samples"], options["seed"]) if source == "synthetic" else read_text(source)
+            full = (
+                synthetic_text(options["num_samples"], options["seed"]) if source == "synthetic" else read_text(source)
+            )
             text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
         else:
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
