@@ -408,13 +408,39 @@ def proc_status_mib(field: str) -> float:
 
 
 def first_epoch_memory(loop, device: str) -> dict:
-    """The loop's first (warm-up) epoch, with the peak memory it reached."""
+    """The loop's first (warm-up) epoch, with the peak memory it reached. On a CPU only a process of
+    its own tells one loop's peak RSS (freed memory stays with the process): see gpt_memory_worker."""
     before = reset_peak_memory(device)
     timed(loop, device)
     synchronize(device)
     peak = peak_memory(device)
     kind = "max_allocated" if device == "cuda" else "rss"
     return {f"peak_{kind}_mib": peak, f"growth_{kind}_mib": peak - before}
+
+
+def gpt_memory_worker(args, loop_name: str) -> dict:
+    """One loop's first epoch in this fresh process: its peak RSS, and how far it rose during the epoch."""
+    cfg = GPT_QUICK if args.quick else GPT_SMALL
+    ids = gpt_tokens(args.gpt_steps * args.gpt_batch_size * cfg["context_length"] + 1)
+    with tempfile.TemporaryDirectory() as work_dir, device_accelerator("cpu", work_dir) as accelerator:
+        if loop_name == "book":
+            return first_epoch_memory(BookGPTLoop(ids, cfg, args.gpt_batch_size, "cpu"), "cpu")
+        loop = GPTLoop(ids, cfg, args.gpt_batch_size, accelerator, f"{work_dir}/gpt")
+        try:
+            return first_epoch_memory(loop, "cpu")
+        finally:
+            loop.close()
+
+
+def cpu_memory_rows(args) -> dict[str, dict]:
+    out = {}
+    for name in ("book", "toyaccel"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--gpt-memory", name, "--gpt-steps", str(args.gpt_steps),
+               "--gpt-batch-size", str(args.gpt_batch_size), *(["--quick"] if args.quick else [])]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def gpt_flops_per_token(cfg: dict) -> float:
@@ -441,6 +467,8 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
         loops["toyaccel"] = GPTLoop(ids, cfg, batch, accelerator, f"{work_dir}/gpt")
         try:
             memory["toyaccel"] = first_epoch_memory(loops["toyaccel"], device)
+            if device == "cpu":
+                memory = cpu_memory_rows(args)
             book_losses, our_losses = loops["book"].losses, loops["toyaccel"].losses
             out["max_loss_difference"] = max(abs(a - b) for a, b in zip(book_losses, our_losses))
             out["first_losses"] = {"book": book_losses[:3], "toyaccel": our_losses[:3]}
@@ -764,6 +792,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launched process")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by launch_workers
+    p.add_argument("--gpt-memory", choices=("book", "toyaccel"), help=argparse.SUPPRESS)  # set by cpu_memory_rows
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.large_samples, args.ddp_samples, args.peak_seconds = 2048, 512, 512, 0.05
@@ -786,6 +815,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker), args.output)
+        return 0
+    if args.gpt_memory:
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            memory = gpt_memory_worker(args, args.gpt_memory)
+        print(json.dumps(memory))
         return 0
     torch.set_num_threads(1)  # one thread, like each DDP worker: the 1-vs-2-process comparison is per core
     result = {"machine": machine(), "threads": 1, "devices": args.devices, "batch_sizes": args.batch_sizes,

@@ -142,7 +142,8 @@ def evaluate_run(
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
-    config = build_config(None, batch_size=batch_size or EVAL_BATCH_SIZE, output_dir=str(run_dir))
+    batch_size = EVAL_BATCH_SIZE if batch_size is None else batch_size
+    config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
     # Bad input fails here, on every process, before any process waits for another.
     run = load_run(run_dir)
     dataset, description = evaluation_data(run, data, label_column)

@@ -16,6 +16,7 @@ from toyaccel.text import TextBundle, load_text_data, perplexity, synthetic_text
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
 SAMPLE_TOKENS = 50
+EVAL_WINDOWS = 8  # toyaccel-evaluate's default windows per process per batch
 MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
 
@@ -224,7 +225,8 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     dataset = TextWindows(ids, context, options.get("stride") or context)
     if len(dataset) == 0:
         raise ToyaccelError(f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target")
-    config = build_config(None, model="gpt", batch_size=batch_size or 8, output_dir=str(run_dir))
+    batch_size = EVAL_WINDOWS if batch_size is None else batch_size
+    config = build_config(None, model="gpt", batch_size=batch_size, output_dir=str(run_dir))
     accelerator = build_accelerator(config)
     try:
         check_world(accelerator)
