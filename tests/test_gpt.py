@@ -337,3 +337,20 @@ def test_vocab_padding_stays_inside_the_model():
     reloaded.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 50, (2, 8))
     assert torch.equal(reloaded(ids), padded(ids)) and torch.allclose(padded(ids), plain(ids), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_run_keeps_the_books_vocabulary_rows(tmp_path):
+    """On a GPU: bf16, fused AdamW, flash attention and the vocabulary padded inside the model."""
+    out = tmp_path / "run"
+    check_ok(launch("single_gpu.yaml", out, *TINY, "--num-samples", "3000", "--mixed-precision", "bf16",
+                    "--tokenizer", "bpe", "--data", str(_write_text(tmp_path)), "--vocab-size", "300"))  # fmt: skip
+    saved = weights(out)
+    assert saved["tok_emb.weight"].shape[0] == saved["out_head.weight"].shape[0] == 300
+    assert read_json(out / "results.json")["val_loss"] < 6
+
+
+def _write_text(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(synthetic_text(4000, seed=3).replace("o", "\n"))
+    return path

@@ -350,12 +350,10 @@ def load_text_data(config) -> TextBundle:
     if config.val_data:
         val_text = read_text(config.val_data)
     tokenizer, train_ids, val_ids = tokenize(config.tokenizer, config.vocab_size, train_text, val_text)
-    if (
-        tokenizer.size > config.vocab_size
-        and max(train_ids.max(), val_ids.max() if val_ids is not None else 0) >= config.vocab_size
-    ):
+    largest = max(int(ids.max()) for ids in (train_ids, val_ids) if ids is not None and ids.numel())
+    if largest >= config.vocab_size:
         raise ToyaccelError(
-            f"the {tokenizer.kind} tokenizer has {tokenizer.size} tokens but the model's vocab_size is "
+            f"the {tokenizer.kind} tokenizer gives token id {largest}, beyond the model's vocab_size of "
             f"{config.vocab_size}; raise --vocab-size"
         )
     train = windows(train_ids, config, f"{source} (training part)")
