@@ -480,6 +480,8 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
         row.update({k.replace("samples", "tokens"): v for k, v in summary(wall[name], cpu[name]).items()})
         out["rows"].append(row)
     out["toyaccel_vs_book"] = out["rows"][1]["tokens_per_s"] / out["rows"][0]["tokens_per_s"]
+    if device == "cpu":
+        out["toyaccel_vs_book_cpu"] = out["rows"][1]["tokens_per_cpu_s"] / out["rows"][0]["tokens_per_cpu_s"]
     if device == "cuda":
         out["rows"].append(gpt_fast_row(args, cfg, ids, work_dir))
     return out
@@ -519,7 +521,8 @@ def gpt_table(gpt: dict) -> list[str]:
         extra = f" | MFU {row['mfu']:.1%} of {row['bf16_matmul_tflops']:.0f} TFLOP/s" if "mfu" in row else ""
         lines.append(f"  {row['loop']:<14} {row['device']} {row['precision']}: {fmt_rate(row['tokens_per_s'])} "
                      f"(noise {row['spread']:.2f}) | {memory} MiB{extra}")  # fmt: skip
-    lines.append(f"  toyaccel vs book: {gpt['toyaccel_vs_book']:.2f}x (target >= 1.5); largest step-loss difference "
+    cpu = f" ({gpt['toyaccel_vs_book_cpu']:.2f}x from CPU time)" if "toyaccel_vs_book_cpu" in gpt else ""
+    lines.append(f"  toyaccel vs book: {gpt['toyaccel_vs_book']:.2f}x{cpu} (target >= 1.5); largest step-loss difference "
                  f"over the first epoch: {gpt['max_loss_difference']:.2g}")  # fmt: skip
     return lines
 
