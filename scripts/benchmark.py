@@ -522,8 +522,8 @@ def gpt_table(gpt: dict) -> list[str]:
         lines.append(f"  {row['loop']:<14} {row['device']} {row['precision']}: {fmt_rate(row['tokens_per_s'])} "
                      f"(noise {row['spread']:.2f}) | {memory} MiB{extra}")  # fmt: skip
     cpu = f" ({gpt['toyaccel_vs_book_cpu']:.2f}x from CPU time)" if "toyaccel_vs_book_cpu" in gpt else ""
-    lines.append(f"  toyaccel vs book: {gpt['toyaccel_vs_book']:.2f}x{cpu} (target >= 1.5); largest step-loss difference "
-                 f"over the first epoch: {gpt['max_loss_difference']:.2g}")  # fmt: skip
+    lines.append(f"  toyaccel vs book: {gpt['toyaccel_vs_book']:.2f}x{cpu} (target >= 1.5); largest step-loss "
+                 f"difference over the first epoch: {gpt['max_loss_difference']:.2g}")  # fmt: skip
     return lines
 
 
