@@ -456,9 +456,9 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
     """The book's code and toyaccel's GPT side by side (fp32); on a GPU, also toyaccel's fast path:
     GPT-124M's shape, bf16, fused AdamW, flash attention, vocab padded to 64, torch.compile."""
     cfg = GPT_QUICK if args.quick else GPT_SMALL
-    if device == "cuda":
-        cfg = GPT_124M
     batch, steps = args.gpt_batch_size, args.gpt_steps
+    if device == "cuda":
+        cfg, batch = GPT_124M, args.gpt_gpu_batch_size
     ids = gpt_tokens(steps * batch * cfg["context_length"] + 1)
     out = {"config": cfg, "batch_size": batch, "steps_per_epoch": steps, "rows": []}
     with device_accelerator(device, work_dir) as accelerator:
@@ -487,24 +487,30 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
     return out
 
 
-def gpt_fast_row(args, cfg: dict, ids: torch.Tensor, work_dir: str) -> dict:
+def gpt_fast_row(args, cfg: dict, ids: torch.Tensor, work_dir: str, device: str = "cuda", compile: bool = True) -> dict:
     from toyaccel.training import build_accelerator, release
 
-    options = {"mixed_precision": "bf16", "compile": True}
-    accelerator = build_accelerator(TrainConfig(model="gpt", output_dir=work_dir, **options))
+    options = {"mixed_precision": "bf16", "compile": compile}
+    with forced_cpu(device):
+        accelerator = build_accelerator(TrainConfig(model="gpt", output_dir=work_dir, **options))
     try:
-        loop = GPTLoop(ids, cfg, args.gpt_batch_size, accelerator, f"{work_dir}/gpt-fast", **options)
+        batch = args.gpt_gpu_batch_size if device == "cuda" else args.gpt_batch_size
+        loop = GPTLoop(ids, cfg, batch, accelerator, f"{work_dir}/gpt-fast", **options)
         try:
-            memory = first_epoch_memory(loop, "cuda")  # includes compiling
-            wall, _ = measure({"fast": loop}, "cuda", 0, args.gpt_repeats)
+            memory = first_epoch_memory(loop, device)  # includes compiling
+            wall, _ = measure({"fast": loop}, device, 0, args.gpt_repeats)
         finally:
             loop.close()
     finally:
         release(accelerator)
-    peak = MatmulPeak(8192, "cuda", dtype=torch.bfloat16)
-    peak_flops = statistics.median(timed(peak, "cuda")[0] / timed(peak, "cuda")[1] for _ in range(3))
-    peak_flops *= peak.flops_per_product
-    row = {"loop": "toyaccel-fast", "device": "cuda", "precision": "bf16", "compile": True, "vocab_padded_to": 64,
+    peak = MatmulPeak(8192 if device == "cuda" else 512, device, dtype=torch.bfloat16)
+    rates = []
+    for _ in range(3):
+        products, seconds, _ = timed(peak, device)
+        rates.append(products * peak.flops_per_product / seconds)
+    peak_flops = statistics.median(rates)
+    row = {"loop": "toyaccel-fast", "device": device, "precision": "bf16", "compile": compile,
+           "vocab_padded_to": 64 if device == "cuda" else 1,
            **memory, **{k.replace("samples", "tokens"): v for k, v in summary(wall["fast"]).items()}}  # fmt: skip
     row["bf16_matmul_tflops"] = peak_flops / 1e12
     row["mfu"] = row["tokens_per_s"] * gpt_flops_per_token(cfg) / peak_flops
@@ -789,6 +795,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddp-rounds", type=int, default=2, help="alternating 1-process / N-process launches")
     p.add_argument("--parts", default="loops,ddp,startup,gpt", help="which measurements to run (default: %(default)s)")
     p.add_argument("--gpt-batch-size", type=int, default=8, help="GPT: windows per step (default: %(default)s)")
+    p.add_argument("--gpt-gpu-batch-size", type=int, default=32, help="GPT-124M on a GPU: windows of 1024 per step")
     p.add_argument("--gpt-steps", type=int, default=8, help="GPT: optimizer steps per timed epoch")
     p.add_argument("--gpt-repeats", type=int, default=3, help="GPT: timed epochs per loop")
     p.add_argument("--startup-repeats", type=int, default=3)

@@ -179,9 +179,10 @@ def test_n_processes_equal_one_process_with_the_whole_batch(background):
     one = weights(background / "one_x_6")
     for name in ("two_x_3", "three_x_2"):
         other = weights(background / name)
-        for k in one:  # 11 AdamW steps; AdamW's division by sqrt(v) magnifies last-bit differences
-            assert torch.allclose(one[k], other[k], atol=2e-6, rtol=0), f"{name} {k}: {(one[k] - other[k]).abs().max()}"
-        assert step_losses(background / name) == pytest.approx(step_losses(background / "one_x_6"), abs=1e-6)
+        # After 11 AdamW steps: 6e-8 (N=2) and 2.4e-7 (N=3) measured; step losses within 1e-6.
+        for k in one:
+            assert torch.allclose(one[k], other[k], atol=1e-6, rtol=0), f"{name} {k}: {(one[k] - other[k]).abs().max()}"
+        assert step_losses(background / name) == pytest.approx(step_losses(background / "one_x_6"), abs=2e-6)
 
 
 def test_validation_loss_is_the_same_for_any_number_of_processes(background):
