@@ -33,7 +33,8 @@ def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
 def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="toyaccel-train",
-        description="Train the book's MLP (or your own data) with Accelerate on CPU, GPU or many processes.",
+        description="Train the book's MLP (--model mlp, on tables) or GPT (--model gpt, on text) with Accelerate "
+        "on CPU, GPU or many processes.",
         epilog="Precedence: defaults < --config file < command-line options.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
