@@ -39,6 +39,7 @@ WORKLOAD_DEFAULTS = {
 }  # fmt: skip
 GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
                "drop_rate", "qkv_bias")  # fmt: skip
+MLP_OPTIONS = ("label_column", "num_features", "num_classes", "standardize", "hidden")
 # --help and --config files group the options; an option not listed here is a "run" option.
 SECTIONS = {
     "data": ("data", "val_data", "val_fraction", "label_column", "num_samples", "num_features", "num_classes",
@@ -230,6 +231,11 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         return d
+
+    def options_in_use(self) -> dict[str, Any]:
+        """to_dict() without the options of the other model family (what a log line needs to show)."""
+        unused = MLP_OPTIONS if self.model == "gpt" else GPT_OPTIONS
+        return {k: v for k, v in self.to_dict().items() if k not in unused}
 
     def training_dict(self) -> dict[str, Any]:
         d = self.to_dict()

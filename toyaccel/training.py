@@ -365,7 +365,7 @@ def start_or_resume(accelerator, config: TrainConfig, data, global_batch: int, r
 
 def describe(config: TrainConfig, accelerator: Accelerator) -> str:
     """The resolved config in one line, printed once so a log says what produced it."""
-    options = " ".join(f"{k}={v}" for k, v in config.to_dict().items())
+    options = " ".join(f"{k}={v}" for k, v in config.options_in_use().items())
     return (
         f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | {options}"
