@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,48 @@ def interrupted_two_then_resumed(out: Path) -> dict:
     return {"stopped": stopped, "left": left, "resumed": resumed}
 
 
+def elastic_two_machines(root: Path) -> dict:
+    """Two "machines" (their own `accelerate launch` each, hostnames machine0 and machine1 as toyaccel
+    sees them) in one elastic c10d world; the process of rank 1 is killed at step 8 and both machines
+    restart their workers. After a restart the main process may sit on either machine, and the
+    machine whose workers were merely stopped restarts them with TORCHELASTIC_RESTART_COUNT unchanged."""
+    port, out = free_port(), root / "run"
+    root.mkdir()
+    env = subprocess_env({**ELASTIC_ENV, "TOYACCEL_FAULT": "step:8", "TOYACCEL_FAULT_RANK": "1"})
+    env.pop("PET_RDZV_ENDPOINT")  # the machines meet at --main_process_ip:--main_process_port
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_node.yaml")]
+    cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *ELASTIC_FLAGS]
+    cmd += [str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES, "--output-dir", str(out)]
+    machines = {}
+    for rank in (0, 1):
+        with open(root / f"machine{rank}.log", "w") as log:
+            machines[rank] = subprocess.Popen(
+                [*cmd[:5], "--machine_rank", str(rank), *cmd[5:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env={**env, "TOYACCEL_HOSTNAME_FOR_TESTS": f"machine{rank}"},
+            )  # fmt: skip
+        # The first machine to arrive hosts the rendezvous; accelerate refuses machine 0 a port in use.
+        wait_for_port(port, machines[0])
+    try:
+        codes = {rank: machine.wait(timeout=240) for rank, machine in machines.items()}
+    finally:
+        for machine in machines.values():
+            if machine.poll() is None:  # one machine hung waiting for the other
+                machine.kill()
+    logs = {rank: (root / f"machine{rank}.log").read_text() for rank in machines}
+    return {"out": out, "codes": codes, "logs": logs}
+
+
+def wait_for_port(port: int, server: subprocess.Popen) -> None:
+    for _ in range(1200):
+        if server.poll() is not None:
+            return
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def logged(run: Path) -> list[tuple]:
     """What metrics.jsonl says happened, without the timings."""
     return [(r["kind"], r["step"], r.get("loss"), r.get("train_loss")) for r in read_jsonl(run / "metrics.jsonl")]
@@ -176,6 +219,7 @@ def background(tmp_path_factory):
             "elastic": pool.submit(elastic_run, root / "elastic"),
             "interrupted_one": pool.submit(interrupted_one, root / "interrupted_one"),
             "interrupted_two": pool.submit(interrupted_two_then_resumed, root / "interrupted_two"),
+            "two_machines": pool.submit(elastic_two_machines, root / "two_machines"),
         }
         jobs["two_continue_one"] = pool.submit(continue_on_two, jobs["crashed_at_step_5"], root / "two_continue_one")
         yield root, jobs
@@ -369,6 +413,17 @@ def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tm
     assert proc.stderr.count("already holds a run") == 2  # the first attempt and the restart
     assert "resumed from" not in proc.stdout
     assert snapshot(tmp_path / "other") == before
+
+
+def test_two_machines_resume_together_after_an_elastic_restart(reference_ddp, background):
+    """Where to resume is decided once, on the main process, whichever machine it is on, and sent
+    to every process: both machines continue from step 6 and end with the uninterrupted weights."""
+    job = background[1]["two_machines"].result()
+    assert job["codes"] == {0: 0, 1: 0}, "\n".join(log[-3000:] for log in job["logs"].values())
+    resumed = "".join(job["logs"].values()).count(f"resumed from {job['out'] / 'checkpoints' / 'step_6'} at epoch 1/2")
+    assert resumed >= 1 and "already holds a run" not in "".join(job["logs"].values())
+    assert_weights_equal(weights(job["out"]), weights(reference_ddp))
+    assert logged(job["out"]) == logged(reference_ddp)
 
 
 # ---------------------------------------------------------------------------------------------
