@@ -171,4 +171,3 @@ def working_command(args) -> str:
     script += [args.training_script, *args.training_script_args]
     launch = ["accelerate", "launch", "--config_file", config, "--num_processes", str(args.num_processes)]
     return prefix + shlex.join(launch + script)
-
