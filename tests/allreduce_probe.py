@@ -11,12 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+import accelerate
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toyaccel import launch, training  # noqa: E402
+from toyaccel import training  # noqa: E402
 from toyaccel.cli import parse_train_args, run_cli  # noqa: E402
 
 micro_steps = 0  # training forward passes so far on this rank
@@ -34,7 +35,7 @@ def recording_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-class WatchedAccelerator(launch.Accelerator):
+class WatchedAccelerator(accelerate.Accelerator):
     def prepare_model(self, model, *args, **kwargs):
         model = super().prepare_model(model, *args, **kwargs)
         if isinstance(model, DistributedDataParallel):
@@ -45,7 +46,7 @@ class WatchedAccelerator(launch.Accelerator):
 
 def main() -> None:
     config = parse_train_args(sys.argv[1:])
-    launch.Accelerator = WatchedAccelerator  # build_accelerator looks the class up at call time
+    accelerate.Accelerator = WatchedAccelerator  # build_accelerator looks the class up at call time
     training.fit(config)
     record = {"micro_steps": micro_steps, "allreduce_at": allreduce_at}
     Path(config.output_dir, f"allreduce_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))

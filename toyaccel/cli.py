@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.launch import launched_rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +67,7 @@ def run_cli(main: Callable[[], Any]) -> int:
     try:
         main()
     except ToyaccelError as e:
-        if os.environ.get("RANK", "0") != "0":
+        if launched_rank() != 0:
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
             time.sleep(10)
@@ -117,7 +117,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
         args = parser.parse_args(argv)
         metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size)
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print(format_evaluation(metrics), flush=True)
 
     return run_cli(main)

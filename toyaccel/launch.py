@@ -14,32 +14,51 @@ import logging
 import os
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration
 
-from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from toyaccel.config import TrainConfig
 
 # The variables a launcher sets to the number of processes it started, in the order Accelerate
 # reads them (accelerate.state): MPI's own (Open MPI, Intel MPI/MPICH, MVAPICH), then torchrun's.
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
 MPI_SIZE_VARIABLES = WORLD_SIZE_VARIABLES[:3]
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 # Open MPI refuses to start as root without these (containers and CI run as root).
 MPI_AS_ROOT = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
 
 
 def launched_world_size() -> int:
     """How many processes the launcher started (1 when started by hand)."""
-    for name in WORLD_SIZE_VARIABLES:
+    return _first_int(WORLD_SIZE_VARIABLES, 1)
+
+
+def launched_rank() -> int:
+    """This process's global rank, known before Accelerate starts (an MPI launch sets no RANK)."""
+    return _first_int(RANK_VARIABLES, 0)
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
         if os.environ.get(name):
             return int(os.environ[name])
-    return 1
+    return default
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
     check_launch()
+    # accelerate is imported here, not at the top: it is slow to import, and the command line needs
+    # launched_rank() on its error path. Looked up at call time, so tests/allreduce_probe.py can
+    # substitute its own Accelerator.
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
     # A multi-process launch on a machine without CUDA would otherwise give N processes that each
     # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
     multi_process = launched_world_size() > 1
@@ -59,6 +78,8 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 
 def check_world(accelerator: Accelerator) -> None:
     """Refuse setups that would run, but not as asked."""
+    from accelerate.utils import DistributedType
+
     launched = launched_world_size()
     if accelerator.num_processes != launched:
         raise ToyaccelError(
