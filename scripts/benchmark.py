@@ -139,7 +139,8 @@ def forced_cpu(device: str):
 def device_accelerator(device: str, output_dir: str):
     """One Accelerator (built as toyaccel.fit builds it) for all of a device's toyaccel loops: setting
     one up costs ~0.5 s, and a launched worker cannot set its process group up a second time."""
-    from toyaccel.training import build_accelerator, release
+    from toyaccel.launch import build_accelerator
+    from toyaccel.training import release
 
     with forced_cpu(device):
         accelerator = build_accelerator(TrainConfig(output_dir=output_dir))
@@ -488,7 +489,8 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
 
 
 def gpt_fast_row(args, cfg: dict, ids: torch.Tensor, work_dir: str, device: str = "cuda", compile: bool = True) -> dict:
-    from toyaccel.training import build_accelerator, release
+    from toyaccel.launch import build_accelerator
+    from toyaccel.training import release
 
     options = {"mixed_precision": "bf16", "compile": compile}
     with forced_cpu(device):

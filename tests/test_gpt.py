@@ -62,12 +62,20 @@ def train_here(out: Path, *args: str) -> int:
     return train_main([*args, "--output-dir", str(out)])
 
 
+# Generous: these launches start together, and a shared 2-core machine may be busy with other suites.
+TIMEOUT = 600
+
+
 def launch(config: str, out: Path, *args: str, num_processes: int | None = None, env=None):
-    return accelerate_launch(config, *args, "--output-dir", str(out), num_processes=num_processes, env=env)
+    return accelerate_launch(
+        config, *args, "--output-dir", str(out), num_processes=num_processes, env=env, timeout=TIMEOUT
+    )
 
 
 def train_killed(out: Path, fault: str, *args: str):
-    proc = run_python("scripts/train.py", *args, "--output-dir", str(out), env={"TOYACCEL_FAULT": fault})
+    proc = run_python(
+        "scripts/train.py", *args, "--output-dir", str(out), env={"TOYACCEL_FAULT": fault}, timeout=TIMEOUT
+    )
     assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return out
 

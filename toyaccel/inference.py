@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from toyaccel.config import TrainConfig, build_config
 from toyaccel.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data, read_csv_columns
 from toyaccel.errors import ToyaccelError
+from toyaccel.launch import build_accelerator, check_world, launched_world_size
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
 from toyaccel.workloads import workload_of_run
@@ -138,7 +138,7 @@ def evaluate_run(
     run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int | None = None
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import build_accelerator, check_world, release  # accelerate is slow to import
+    from toyaccel.training import release  # accelerate is slow to import
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
@@ -194,7 +194,7 @@ def class_probabilities(model: NeuralNetwork, features: torch.Tensor) -> torch.T
 
 def predict_file(run_dir: str | Path, data: str, output: str | Path, overwrite: bool = False) -> int:
     """Write ``predicted,prob_0,...`` for every data row of ``data`` to ``output``; return the row count."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ToyaccelError(
             "predict runs in one process: start it with python or toyaccel-predict, not a multi-process launch"
         )

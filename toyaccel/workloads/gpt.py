@@ -173,6 +173,10 @@ def generate_from_run(
     top_k: int | None = None, seed: int = 123, context_length: int | None = None,
 ) -> str:  # fmt: skip
     """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
+    from toyaccel.launch import launched_world_size
+
+    if launched_world_size() > 1:
+        raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
     if max_new_tokens < 0:
         raise ToyaccelError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if not (temperature >= 0.0 and temperature != float("inf")):
@@ -201,8 +205,9 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
     from toyaccel.config import build_config
     from toyaccel.data import build_eval_loader
+    from toyaccel.launch import build_accelerator, check_world
     from toyaccel.text import TextWindows, read_text, split_text
-    from toyaccel.training import build_accelerator, check_world, release
+    from toyaccel.training import release
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
