@@ -8,29 +8,36 @@ the one node stands for 2 machines: each task is its own `accelerate launch` (ma
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import (
     BOOK_LOSSES,
     REPO,
     assert_weights_close,
+    assert_weights_equal,
     free_port,
     read_json,
+    read_jsonl,
     step_losses,
     subprocess_env,
     weights,
 )
 
 from toyaccel import fit
+from toyaccel.checkpoint import verify_checkpoint
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 missing = [name for name in DAEMONS if shutil.which(name) is None]
@@ -170,13 +177,17 @@ class Slurm:
         fields = self.command("scontrol", "-o", "show", "job", job_id).split()
         return dict(f.split("=", 1) for f in fields if "=" in f)
 
+    def state(self, job_id: str) -> str:
+        """The job's state as squeue shows it: COMPLETING until every process of the job has ended."""
+        return self.command("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").strip()
+
     def wait_until_done(self, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
         deadline = time.monotonic() + timeout
-        while (job := self.job(job_id))["JobState"] not in FINAL_STATES:
+        while (state := self.state(job_id)) not in FINAL_STATES:
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {job['JobState']} after {timeout} s: {job_log(log)}")
+                raise AssertionError(f"job {job_id} still {state} after {timeout} s: {job_log(log)}")
             time.sleep(0.5)
-        return job
+        return self.job(job_id)
 
 
 def job_log(path: Path) -> str:
@@ -201,24 +212,125 @@ def one_process_reference(tmp_path_factory) -> Path:
     return out
 
 
+# Every job has 2 tasks on the one node, standing for 2 machines of 1 process each; the jobs share
+# the node's 2 CPUs (--oversubscribe), so that one's waits are the others' running time.
+TWO_MACHINES = ("--ntasks-per-node=2", "--oversubscribe")
+# The book's run: 2 machines x batch 1 is the book's global batch of 2.
+BOOK_RUN = ("--batch-size", "1", "--log-every", "1", "--no-plot")
+# 8 optimizer steps an epoch, so that a stop after step 3 or 4 is mid-epoch.
+LONG_RUN = ("--data", "synthetic", "--num-samples", "64", "--batch-size", "4", "--epochs", "2", *BOOK_RUN[2:])
+STEPS_PER_EPOCH = 8
+# Both processes wait after optimizer step 3 until they are signalled, so that the signal lands
+# mid-epoch however slow the machine is (toyaccel/faults.py).
+STALL = {"TOYACCEL_FAULT": "stall:3"}
+STALLED = "stalled after step 3"
+
+
+@dataclass
+class Job:
+    id: str
+    submit_dir: Path
+    info: dict[str, str] = field(default_factory=dict)  # `scontrol show job` once it has ended
+    processes_while_running: int = 0
+
+    @property
+    def log(self) -> Path:
+        return self.submit_dir / f"slurm-{self.id}.out"
+
+    @property
+    def run(self) -> Path:
+        """The default --output-dir: named after the job id, in the submission directory."""
+        return self.submit_dir / "runs" / f"slurm-{self.id}"
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def job_processes(job_id: str) -> list[psutil.Process]:
+    """The job's processes on this host: Slurm gives each its SLURM_JOB_ID."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("SLURM_JOB_ID") == job_id:
+                found.append(proc)
+    return found
+
+
 @pytest.fixture(scope="module")
-def two_machine_job(slurm, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The book's run as a job of 2 tasks on the node, 2 "machines" x 1 process x batch 1."""
-    submit_dir = tmp_path_factory.mktemp("submit")
-    job_id = slurm.submit(
-        submit_dir, "--batch-size", "1", "--log-every", "1", "--no-plot", sbatch_args=("--ntasks-per-node=2",)
-    )
-    log = submit_dir / f"slurm-{job_id}.out"
-    job = slurm.wait_until_done(job_id, log)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), job_log(log)
-    return submit_dir / "runs" / f"slurm-{job_id}", {**job, "log": log.read_text()}
+def jobs(slurm, tmp_path_factory) -> dict[str, Job]:
+    """Four jobs at once: the book's run and a longer run, both left alone; the longer run again,
+    sent the warning signal mid-epoch; and once more, cancelled outright mid-epoch."""
+
+    def submit(name: str, *train_args: str, env=None) -> Job:
+        submit_dir = tmp_path_factory.mktemp(name)
+        return Job(slurm.submit(submit_dir, *train_args, sbatch_args=TWO_MACHINES, env=env), submit_dir)
+
+    jobs = {
+        "book": submit("book", *BOOK_RUN),
+        "long": submit("long", *LONG_RUN),
+        "preempted": submit("preempted", *LONG_RUN, env=STALL),
+        "cancelled": submit("cancelled", *LONG_RUN, "--checkpoint-every", "2", env=STALL),
+    }
+    signals = {
+        # What Slurm does for `#SBATCH --signal=B:USR1@120` ahead of the time limit: USR1 to the batch shell.
+        "preempted": ("scancel", "--signal=USR1", "--batch"),
+        "cancelled": ("scancel",),
+    }
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while signals:
+        for name in [name for name in signals if jobs[name].text().count(STALLED) == 2]:
+            jobs[name].processes_while_running = len(job_processes(jobs[name].id))
+            slurm.command(*signals.pop(name), jobs[name].id)
+        assert time.monotonic() < deadline, "".join(f"no {STALLED!r} in {job_log(jobs[n].log)}" for n in signals)
+        time.sleep(0.2)
+    for job in jobs.values():
+        job.info = slurm.wait_until_done(job.id, job.log)
+    return jobs
 
 
-def test_two_tasks_form_one_world_equal_to_one_process(two_machine_job, one_process_reference):
-    run, job = two_machine_job  # the run folder is named after the job id, in the submission directory
-    results = read_json(run / "results.json")
+def test_two_tasks_form_one_world_equal_to_one_process(jobs, one_process_reference):
+    job = jobs["book"]
+    assert (job.info["JobState"], job.info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(job.log)
+    results = read_json(job.run / "results.json")
     assert (results["world_size"], results["distributed_type"], results["global_batch"]) == (2, "MULTI_CPU", 2)
-    assert [round(loss, 2) for loss in step_losses(run)] == BOOK_LOSSES
-    assert_weights_close(weights(run), weights(one_process_reference), atol=1e-6)
-    assert "2 machine(s) x 1 process(es)" in job["log"]
-    assert job["Restarts"] == "0"  # a job that finished is not requeued
+    assert [round(loss, 2) for loss in step_losses(job.run)] == BOOK_LOSSES
+    assert_weights_close(weights(job.run), weights(one_process_reference), atol=1e-6)
+    assert "2 machine(s) x 1 process(es)" in job.text()
+    assert job.info["Restarts"] == "0"  # a job that finished is not requeued
+
+
+def logged_steps(run: Path) -> list[tuple[str, int]]:
+    return [(r["kind"], r["step"]) for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(jobs):
+    job, uninterrupted = jobs["preempted"], jobs["long"]
+    assert (uninterrupted.info["JobState"], uninterrupted.info["Restarts"]) == ("COMPLETED", "0")
+    assert (job.info["JobState"], job.info["ExitCode"], job.info["Restarts"]) == ("COMPLETED", "0:0", "1"), job_log(
+        job.log
+    )
+    text = job.text()
+    # The first attempt stopped mid-epoch on every process, after the same step, and checkpointed it.
+    stopped = re.search(r"interrupted by SIGTERM: saved checkpoint (\S+/step_(\d+)) ", text)
+    assert stopped and int(stopped[2]) % STEPS_PER_EPOCH != 0, job_log(job.log)
+    assert f"requeueing job {job.id}" in text and f"job {job.id} (restart 1)" in text
+    assert f"resumed from {stopped[1]} " in text
+    assert_weights_equal(weights(job.run), weights(uninterrupted.run))
+    # metrics.jsonl: every step and epoch once, in order, with the uninterrupted run's losses.
+    assert logged_steps(job.run) == logged_steps(uninterrupted.run)
+    assert step_losses(job.run) == step_losses(uninterrupted.run)
+
+
+def test_a_cancelled_job_leaves_whole_checkpoints_and_no_processes(jobs):
+    job = jobs["cancelled"]
+    assert (job.info["JobState"], job.info["Restarts"]) == ("CANCELLED", "0"), job_log(job.log)  # not requeued
+    # The batch shell, srun, and per machine `accelerate launch` and its worker; none is left.
+    assert job.processes_while_running >= 6
+    assert job_processes(job.id) == []
+    # step_2 from --checkpoint-every, and the step the processes stopped after, written after the
+    # cancellation: every process had the time to finish it.
+    checkpoints = sorted((job.run / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints][0] == "step_2" and len(checkpoints) == 2, job_log(job.log)
+    for path in checkpoints:
+        assert verify_checkpoint(path).global_step == int(path.name.removeprefix("step_"))
+    assert f"interrupted by SIGTERM: saved checkpoint {checkpoints[1]} " in job.text()
