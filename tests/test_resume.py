@@ -13,19 +13,28 @@ steps 3, 6, 9, ... and at each epoch end; a log line every 2 steps (and at each 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import (
+    CONFIGS,
+    REPO,
+    TRAIN_SCRIPT,
     accelerate_launch,
     assert_weights_close,
     assert_weights_equal,
     check_ok,
+    free_port,
     read_jsonl,
     run_python,
+    subprocess_env,
     weights,
 )
 
@@ -59,6 +68,46 @@ def train_killed(out: Path, fault: str, *args: str) -> Path:
 
 def launch_two(out: Path, *args: str, **kwargs):
     return accelerate_launch("multi_cpu.yaml", *RUN, *TWO_PROCESSES, "--output-dir", str(out), *args, **kwargs)
+
+
+def signalled_mid_epoch(cmd: list[str], sig: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, as a terminal or a scheduler starts a job; when it reports
+    (TOYACCEL_FAULT=stall:8) that it has trained step 8 of 12 in epoch 1, send ``sig`` to its whole
+    process group, and the same signal again shortly after (a second Ctrl-C, or a scheduler's repeat)."""
+    env = subprocess_env({"TOYACCEL_FAULT": "stall:8", **(env or {})})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("stalled after step 8"):
+            os.killpg(proc.pid, sig)
+            time.sleep(0.2)
+            os.killpg(proc.pid, sig)
+            break
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(seen) + stderr)
+
+
+def interrupted_one(out: Path):
+    """One process, started as `toyaccel-train` is (no launcher in between), and SIGINT (Ctrl-C)."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), *RUN, *ONE_PROCESS, "--output-dir", str(out), "--keep-last", "0"]
+    return signalled_mid_epoch(cmd, signal.SIGINT)
+
+
+def interrupted_two_then_resumed(out: Path) -> dict:
+    """Two processes under `accelerate launch` and SIGTERM (a scheduler); then `--resume latest`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_cpu.yaml")]
+    cmd += ["--main_process_port", str(free_port()), str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES]
+    cmd += ["--output-dir", str(out), "--checkpoint-every", "0"]  # the interrupt checkpoints anyway
+    stopped = signalled_mid_epoch(cmd, signal.SIGTERM)
+    left = {"checkpoints": step_names(out), "model": (out / "model.safetensors").exists()}
+    resumed = launch_two(out, "--checkpoint-every", "0", "--resume", "latest")
+    return {"stopped": stopped, "left": left, "resumed": resumed}
 
 
 def logged(run: Path) -> list[tuple]:
@@ -125,6 +174,8 @@ def background(tmp_path_factory):
             "reference_ddp": pool.submit(launch_two, root / "reference_ddp"),
             "ddp": pool.submit(crash_in_checkpoint_then_resume_ddp, root / "ddp"),
             "elastic": pool.submit(elastic_run, root / "elastic"),
+            "interrupted_one": pool.submit(interrupted_one, root / "interrupted_one"),
+            "interrupted_two": pool.submit(interrupted_two_then_resumed, root / "interrupted_two"),
         }
         jobs["two_continue_one"] = pool.submit(continue_on_two, jobs["crashed_at_step_5"], root / "two_continue_one")
         yield root, jobs
@@ -318,3 +369,99 @@ def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tm
     assert proc.stderr.count("already holds a run") == 2  # the first attempt and the restart
     assert "resumed from" not in proc.stdout
     assert snapshot(tmp_path / "other") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupts: a signal mid-epoch stops every process after the same step, with a checkpoint
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference, capsys):
+    """SIGINT twice to the process group after step 8 of 12 (and no checkpoint due there): the run
+    stops after step 8, saves it, says where and how to continue, and exits 130 without a traceback."""
+    root, jobs = background
+    run, proc = root / "interrupted_one", jobs["interrupted_one"].result()
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step_8"
+    line = (
+        f"interrupted by SIGINT: saved checkpoint {checkpoint} (epoch 1/2, step 8); "
+        "to continue, run the same command with --resume latest"
+    )
+    assert proc.stdout.splitlines()[-1] == line
+    assert "Traceback" not in proc.stderr and "interrupted" not in proc.stderr
+    assert step_names(run) == ["step_8", "step_6", "step_3"]
+    assert verify_checkpoint(checkpoint).step_in_epoch == 8
+    assert not (run / "model.safetensors").exists()
+
+    capsys.readouterr()
+    assert train_here(run, "--keep-last", "0", "--resume", "latest") == 0
+
+    assert f"resumed from {checkpoint} at epoch 1/2, step 8" in capsys.readouterr().out
+    assert_weights_equal(weights(run), weights(reference))
+    assert logged(run) == logged(reference)  # step 8 ends a log window in both
+
+
+def test_sigterm_to_two_processes_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference_ddp):
+    """SIGTERM to `accelerate launch`'s process group: both workers stop after the same step (within
+    about 0.1 s of the signal, when they next agree) and save it, with --checkpoint-every 0.
+    What the user sees: toyaccel's line once, then torchrun's agent reports the signal it got itself
+    (its own traceback, not toyaccel's) and `accelerate launch` exits 1."""
+    root, jobs = background
+    run, job = root / "interrupted_two", jobs["interrupted_two"].result()
+    stopped = job["stopped"]
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stdout.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, stopped.stdout
+    assert lines[0].startswith(f"interrupted by SIGTERM: saved checkpoint {run / 'checkpoints' / 'step_'}")
+    assert str(REPO / "toyaccel") not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+    checkpoint = job["left"]["checkpoints"][0]  # the interrupt's, and epoch 1's if it stopped in epoch 2
+    stopped_at = int(checkpoint.removeprefix("step_"))
+    assert stopped_at >= 8 and job["left"]["checkpoints"] == [checkpoint] + (["step_12"] if stopped_at > 12 else [])
+    assert not job["left"]["model"]
+
+    check_ok(job["resumed"])
+    assert f"resumed from {run / 'checkpoints' / checkpoint} at epoch " in job["resumed"].stdout
+    assert_weights_equal(weights(run), weights(reference_ddp))
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # every log line once, in order
+
+
+# ---------------------------------------------------------------------------------------------
+# Timelines: resuming from an older checkpoint abandons the later ones
+
+
+def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(reference, tmp_path, capsys):
+    """The sequence of issue 10: every checkpoint kept up to step 24; resumed from step 6 with
+    --keep-last 1; killed at step 10. The new step 9 survives, --resume latest continues this
+    timeline, and the old run's later checkpoints are set aside, never chosen."""
+    run = copy_run(reference, tmp_path / "run")
+    old = {name: snapshot(run / "checkpoints" / name) for name in step_names(run) if int(name[5:]) > 6}
+    train_killed(run, "step:10", "--keep-last", "1", "--resume", str(run / "checkpoints" / "step_6"))
+
+    assert step_names(run) == ["step_9"]
+    [aside] = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert {p.name: snapshot(p) for p in aside.iterdir()} == old  # moved whole, not chosen, not deleted
+
+    capsys.readouterr()
+    assert train_here(run, "--keep-last", "1", "--resume", "auto") == 0
+
+    assert f"resumed from {run / 'checkpoints' / 'step_9'} at epoch 1/2, step 9" in capsys.readouterr().out
+    assert_weights_equal(weights(run), weights(reference))
+    assert step_names(run) == ["step_24"]
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_refuses_another_run(reference, tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert train_here(fresh, "--resume", "auto") == 0
+    assert_weights_equal(weights(fresh), weights(reference))
+    # A folder holding a run with other settings and no checkpoint is refused, as without --resume.
+    other = run_with_checkpoints(reference, tmp_path / "other", ())
+    error = assert_refused(other, capsys, "--lr", "0.1", "--resume", "auto")
+    assert "already holds a run" in error
+
+
+def test_resume_latest_without_a_checkpoint_writes_nothing(tmp_path, capsys):
+    capsys.readouterr()
+    assert train_here(tmp_path / "missing", "--resume", "latest") == 2
+    expected = f"error: --resume latest: no complete checkpoint in {tmp_path / 'missing' / 'checkpoints'}\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "missing").exists()

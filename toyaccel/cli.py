@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
-from toyaccel.errors import ToyaccelError
+from toyaccel.errors import Interrupted, ToyaccelError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,8 +75,11 @@ def run_cli(main: Callable[[], Any]) -> int:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except Interrupted as e:
+        return e.exit_code  # the training loop saved a checkpoint, and its main process said where
+    except KeyboardInterrupt:  # Ctrl-C before training started: said once, not by every process
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -68,19 +68,24 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def claim_for_this_launch(output_dir: str) -> None:
-    """Mark the folder as this launch's, once the run in it has started (or resumed) for real."""
-    (Path(output_dir) / LAUNCH_FILE).write_text(launch_id())
+def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:
+    """Mark the folder as this launch's, once the run in it has started (or resumed) for real.
+    ``launch_ids``: every process's ``launch_id()``; on several machines they differ, and after an
+    elastic restart any machine may hold the main process."""
+    (Path(output_dir) / LAUNCH_FILE).write_text("".join(f"{i}\n" for i in sorted(set(launch_ids))))
 
 
 def launch_id() -> str:
-    """The same in every attempt of one elastic launch, different for the next launch: the workers'
-    parent is the launcher's agent, which lives across restarts (TORCHELASTIC_RUN_ID is 'none')."""
-    return f"{socket.gethostname()}:{os.getppid()}"
+    """The same in every attempt of one elastic launch on this machine, different for the next launch:
+    the workers' parent is the launcher's agent, which lives across restarts (TORCHELASTIC_RUN_ID is
+    'none'). TOYACCEL_HOSTNAME_FOR_TESTS stands in for the hostname, so that one host can play two
+    machines."""
+    hostname = os.environ.get("TOYACCEL_HOSTNAME_FOR_TESTS") or socket.gethostname()
+    return f"{hostname}:{os.getppid()}"
 
 
 def restart_of_owning_launch(output_dir: str) -> bool:
-    """True in a restarted attempt of the launch that claimed this folder.
+    """True in a restarted attempt of the launch that claimed this folder (asked on the main process).
 
     torchrun restarts workers after any failure, a refused output folder included: only the launch
     that owns the folder may carry on in it, or a restart would slip past the guard above.
@@ -88,7 +93,7 @@ def restart_of_owning_launch(output_dir: str) -> bool:
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return False
     try:
-        return (Path(output_dir) / LAUNCH_FILE).read_text() == launch_id()
+        return launch_id() in (Path(output_dir) / LAUNCH_FILE).read_text().splitlines()
     except OSError:
         return False
 
