@@ -36,7 +36,6 @@ from conftest import (
     weights,
 )
 
-from toyaccel import fit
 from toyaccel.checkpoint import verify_checkpoint
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
@@ -84,7 +83,8 @@ SchedulerParameters=sched_interval=1
 ReturnToService=2
 KillWait=30
 NodeName={host} CPUs=2 State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+# Up to 8 jobs that ask for it (sbatch --oversubscribe) may share a CPU
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES:8
 """
 
 
@@ -204,17 +204,10 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def one_process_reference(tmp_path_factory) -> Path:
-    """The book's run on one process (batch 2): what 2 machines x batch 1 must equal."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    fit(plot=False, progress=False, log_every=1, output_dir=str(out))
-    return out
-
-
-# Every job has 2 tasks on the one node, standing for 2 machines of 1 process each; the jobs share
-# the node's 2 CPUs (--oversubscribe), so that one's waits are the others' running time.
-TWO_MACHINES = ("--ntasks-per-node=2", "--oversubscribe")
+# The jobs share the node's 2 CPUs (--oversubscribe), so that one's waits are the others' running time.
+SHARED = ("--oversubscribe",)
+# 2 tasks on the one node stand for 2 machines of 1 process each.
+TWO_MACHINES = ("--ntasks-per-node=2", *SHARED)
 # The book's run: 2 machines x batch 1 is the book's global batch of 2.
 BOOK_RUN = ("--batch-size", "1", "--log-every", "1", "--no-plot")
 # 8 optimizer steps an epoch, so that a stop after step 3 or 4 is mid-epoch.
@@ -258,14 +251,16 @@ def job_processes(job_id: str) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory) -> dict[str, Job]:
-    """Four jobs at once: the book's run and a longer run, both left alone; the longer run again,
-    sent the warning signal mid-epoch; and once more, cancelled outright mid-epoch."""
+    """Five jobs at once: the book's run as the README submits it (1 machine), and on 2 machines; a
+    longer run on 2 machines, left alone; the same again, sent the warning signal mid-epoch; and
+    once more, cancelled outright mid-epoch."""
 
-    def submit(name: str, *train_args: str, env=None) -> Job:
+    def submit(name: str, *train_args: str, env=None, sbatch_args=TWO_MACHINES) -> Job:
         submit_dir = tmp_path_factory.mktemp(name)
-        return Job(slurm.submit(submit_dir, *train_args, sbatch_args=TWO_MACHINES, env=env), submit_dir)
+        return Job(slurm.submit(submit_dir, *train_args, sbatch_args=sbatch_args, env=env), submit_dir)
 
     jobs = {
+        "default": submit("default", "--no-plot", "--log-every", "1", sbatch_args=SHARED),
         "book": submit("book", *BOOK_RUN),
         "long": submit("long", *LONG_RUN),
         "preempted": submit("preempted", *LONG_RUN, env=STALL),
@@ -288,15 +283,24 @@ def jobs(slurm, tmp_path_factory) -> dict[str, Job]:
     return jobs
 
 
-def test_two_tasks_form_one_world_equal_to_one_process(jobs, one_process_reference):
-    job = jobs["book"]
+def assert_book_run(job: Job, machines: int, distributed_type: str) -> None:
     assert (job.info["JobState"], job.info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(job.log)
-    results = read_json(job.run / "results.json")
-    assert (results["world_size"], results["distributed_type"], results["global_batch"]) == (2, "MULTI_CPU", 2)
-    assert [round(loss, 2) for loss in step_losses(job.run)] == BOOK_LOSSES
-    assert_weights_close(weights(job.run), weights(one_process_reference), atol=1e-6)
-    assert "2 machine(s) x 1 process(es)" in job.text()
     assert job.info["Restarts"] == "0"  # a job that finished is not requeued
+    assert f"{machines} machine(s) x 1 process(es)" in job.text()
+    results = read_json(job.run / "results.json")
+    assert (results["world_size"], results["distributed_type"], results["global_batch"]) == (
+        machines, distributed_type, 2,
+    )  # fmt: skip
+    assert [round(loss, 2) for loss in step_losses(job.run)] == BOOK_LOSSES
+
+
+def test_the_readme_command_runs_the_book_on_one_machine(jobs):
+    assert_book_run(jobs["default"], 1, "NO")
+
+
+def test_two_tasks_form_one_world_equal_to_one_process(jobs):
+    assert_book_run(jobs["book"], 2, "MULTI_CPU")
+    assert_weights_close(weights(jobs["book"].run), weights(jobs["default"].run), atol=1e-6)
 
 
 def logged_steps(run: Path) -> list[tuple[str, int]]:
