@@ -107,6 +107,7 @@ class Slurm:
         self.root = root
         self.conf = root / "slurm.conf"
         self.daemons: list[subprocess.Popen] = []
+        self._daemon_logs: list = []
         # munged wants every folder above its socket open to all, which pytest's tmp folders are not.
         self.munge = Path(tempfile.mkdtemp(prefix="toyaccel-munge-"))
         self.munge.chmod(0o755)
@@ -139,6 +140,7 @@ class Slurm:
 
     def _spawn(self, *cmd: str) -> None:
         log = open(self.root / f"{cmd[0]}.out", "w")  # noqa: SIM115 (closed with the daemon, in stop)
+        self._daemon_logs.append(log)
         self.daemons.append(subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT))
 
     def _node_state(self) -> str:
@@ -171,6 +173,8 @@ class Slurm:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+        for log in self._daemon_logs:
+            log.close()
         shutil.rmtree(self.munge, ignore_errors=True)
 
     def leftovers(self) -> list[psutil.Process]:
