@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,53 @@ def interrupted_two_then_resumed(out: Path) -> dict:
     return {"stopped": stopped, "left": left, "resumed": resumed}
 
 
+def elastic_two_machines(root: Path) -> dict:
+    """The fault-tolerant launch (elastic_cpu.yaml) on two "machines": one `accelerate launch` each,
+    one process each, hostnames machine0 and machine1 as toyaccel sees them, one c10d world. Machine
+    1's process is killed at step 8; both machines restart their workers, and after the restart the
+    main process may sit on either machine (c10d hands out ranks in arrival order). The machine whose
+    worker was merely stopped restarts it with TORCHELASTIC_RESTART_COUNT unchanged (0)."""
+    port, out = free_port(), root / "run"
+    root.mkdir()
+    env = subprocess_env(ELASTIC_ENV)
+    env.pop("PET_RDZV_ENDPOINT")  # the machines meet at --main_process_ip:--main_process_port
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "elastic_cpu.yaml")]
+    cmd += ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    cmd += ["--main_process_port", str(port), *ELASTIC_FLAGS]
+    cmd += [str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES, "--output-dir", str(out)]
+    machines = {}
+    for rank in (0, 1):
+        machine_env = {**env, "TOYACCEL_HOSTNAME_FOR_TESTS": f"machine{rank}"}
+        if rank == 1:
+            machine_env["TOYACCEL_FAULT"] = "step:8"
+        with open(root / f"machine{rank}.log", "w") as log:
+            machines[rank] = subprocess.Popen(
+                [*cmd[:5], "--machine_rank", str(rank), *cmd[5:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env=machine_env,
+            )  # fmt: skip
+        # The first machine to arrive hosts the rendezvous; accelerate refuses machine 0 a port in use.
+        wait_for_port(port, machines[0])
+    try:
+        codes = {rank: machine.wait(timeout=240) for rank, machine in machines.items()}
+    finally:
+        for machine in machines.values():
+            if machine.poll() is None:  # one machine hung waiting for the other
+                machine.kill()
+    logs = {rank: (root / f"machine{rank}.log").read_text() for rank in machines}
+    return {"out": out, "codes": codes, "logs": logs}
+
+
+def wait_for_port(port: int, server: subprocess.Popen) -> None:
+    for _ in range(1200):
+        if server.poll() is not None:
+            return
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def logged(run: Path) -> list[tuple]:
     """What metrics.jsonl says happened, without the timings."""
     return [(r["kind"], r["step"], r.get("loss"), r.get("train_loss")) for r in read_jsonl(run / "metrics.jsonl")]
@@ -151,14 +199,6 @@ def crash_in_checkpoint_then_resume_ddp(out: Path) -> dict:
     return {"crashed": crashed, "left": left, "resumed": launch_two(out, "--resume", "latest")}
 
 
-def elastic_run(out: Path):
-    """Rank 1 is killed at step 8; torchrun restarts both workers, which resume by themselves."""
-    return accelerate_launch(
-        "elastic_cpu.yaml", *RUN, *TWO_PROCESSES, "--output-dir", str(out),
-        launch_args=ELASTIC_FLAGS, env={**ELASTIC_ENV, "TOYACCEL_FAULT": "step:8", "TOYACCEL_FAULT_RANK": "1"},
-    )  # fmt: skip
-
-
 def continue_on_two(crashed: Future, out: Path):
     """Two processes x batch 1 finish what one process x batch 2 started."""
     shutil.copytree(crashed.result(), out)
@@ -173,9 +213,9 @@ def background(tmp_path_factory):
             "crashed_at_step_5": pool.submit(train_killed, root / "crashed", "step:5", "--keep-last", "2"),
             "reference_ddp": pool.submit(launch_two, root / "reference_ddp"),
             "ddp": pool.submit(crash_in_checkpoint_then_resume_ddp, root / "ddp"),
-            "elastic": pool.submit(elastic_run, root / "elastic"),
             "interrupted_one": pool.submit(interrupted_one, root / "interrupted_one"),
             "interrupted_two": pool.submit(interrupted_two_then_resumed, root / "interrupted_two"),
+            "two_machines": pool.submit(elastic_two_machines, root / "two_machines"),
         }
         jobs["two_continue_one"] = pool.submit(continue_on_two, jobs["crashed_at_step_5"], root / "two_continue_one")
         yield root, jobs
@@ -233,17 +273,6 @@ def test_two_process_crash_while_writing_a_checkpoint_then_resume_is_bitwise_equ
     assert logged(run) == logged(reference_ddp)
     # checkpoint 9 was written again, whole, and later pruned by the default --keep-last 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_18", "step_21", "step_24"]
-
-
-def test_elastic_launch_survives_a_killed_worker(reference_ddp, background):
-    root, jobs = background
-    run = root / "elastic"
-    proc = check_ok(jobs["elastic"].result())
-    # one restart: the fault fires only in the first attempt (TORCHELASTIC_RESTART_COUNT=0)
-    assert proc.stdout.count("resumed from") == 1
-    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1/2, step 6" in proc.stdout
-    assert_weights_equal(weights(run), weights(reference_ddp))
-    assert logged(run) == logged(reference_ddp)
 
 
 def test_two_processes_continue_a_one_process_run(reference, background):
@@ -366,9 +395,23 @@ def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tm
         launch_args=("--max_restarts", "1", *ELASTIC_FLAGS[2:]), env=ELASTIC_ENV,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert proc.stderr.count("already holds a run") == 2  # the first attempt and the restart
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 2 and "already holds a run" in refusals[0]  # the first attempt and the restart
     assert "resumed from" not in proc.stdout
     assert snapshot(tmp_path / "other") == before
+
+
+def test_elastic_launch_on_two_machines_survives_a_killed_worker(reference_ddp, background):
+    """Where to resume is decided once, on the main process, whichever machine it is on, and sent
+    to every process: both machines continue from step 6 and end with the uninterrupted weights."""
+    job = background[1]["two_machines"].result()
+    logs = "".join(job["logs"].values())
+    assert job["codes"] == {0: 0, 1: 0}, "\n".join(log[-3000:] for log in job["logs"].values())
+    # accelerator.print speaks once per machine; one restart: the fault fires only in the first attempt
+    assert logs.count(f"resumed from {job['out'] / 'checkpoints' / 'step_6'} at epoch 1/2, step 6") == 2
+    assert logs.count("resumed from") == 2 and "already holds a run" not in logs
+    assert_weights_equal(weights(job["out"]), weights(reference_ddp))
+    assert logged(job["out"]) == logged(reference_ddp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
-from toyaccel.outputs import read_run_config, write_json
+from toyaccel.outputs import read_run_config, respect_umask, write_json
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"
@@ -113,8 +113,7 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
         # Every process holds the same global RNG state (same seed, same draws), so one copy serves
         # any number of processes on resume, including a different number.
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(tmp.iterdir())}
-        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
+        write_manifest(tmp, state)
         _move_into_place(tmp, final)
         if keep_last:
             # The newest of this timeline: a resumed run has set aside any later ones (set_aside_abandoned).
@@ -123,6 +122,16 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
                     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_manifest(folder: Path, state: TrainerState) -> None:
+    """Write ``trainer_state.json``: the state and the size and SHA-256 of every file under ``folder``,
+    sub-folders included (FSDP's SHARDED_STATE_DICT saves each model and optimizer as a folder)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        respect_umask(path)
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path, sync=True)}
+    write_json(folder / STATE_FILE, {**dataclasses.asdict(state), "files": files})
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

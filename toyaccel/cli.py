@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
@@ -67,6 +70,7 @@ def run_cli(main: Callable[[], Any]) -> int:
     try:
         main()
     except ToyaccelError as e:
+        tell_the_launcher(f"error: {e}")
         if os.environ.get("RANK", "0") != "0":
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
@@ -82,6 +86,16 @@ def run_cli(main: Callable[[], Any]) -> int:
             print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def tell_the_launcher(line: str) -> None:
+    """torchrun's failure report ends with its root cause's error file (torch.distributed.elastic.
+    multiprocessing.errors); without one it says "To enable traceback see: <a link>". A plain message
+    there is shown as it is, so the last thing a user reads is what to change."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
 
 
 def train_main(argv: list[str] | None = None) -> int:
