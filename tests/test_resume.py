@@ -101,8 +101,9 @@ def interrupted_one(out: Path):
 
 
 def interrupted_two_then_resumed(out: Path) -> dict:
-    """Two processes under `accelerate launch` and SIGTERM (a scheduler); then `--resume latest`."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_cpu.yaml")]
+    """Two processes under `accelerate launch` and SIGTERM (a scheduler); then `--resume latest`.
+    torchrun's launch (elastic_cpu.yaml): mpirun (multi_cpu.yaml) SIGKILLs its ranks too soon to save."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "elastic_cpu.yaml")]
     cmd += ["--main_process_port", str(free_port()), str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES]
     cmd += ["--output-dir", str(out), "--checkpoint-every", "0"]  # the interrupt checkpoints anyway
     stopped = signalled_mid_epoch(cmd, signal.SIGTERM)

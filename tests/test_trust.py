@@ -24,7 +24,7 @@ def test_a_process_whose_random_stream_drifted_stops_every_process(tmp_path):
     and what differs, and torchrun's failure report ends with that line."""
     out = tmp_path / "run"
     proc = accelerate_launch(
-        "multi_cpu.yaml", "--batch-size", "1", "--output-dir", str(out),
+        "elastic_cpu.yaml", "--batch-size", "1", "--output-dir", str(out),  # torchrun: its failure report
         env={"TOYACCEL_FAULT": "rng-drift", "TOYACCEL_FAULT_RANK": "1"},
     )  # fmt: skip
     assert proc.returncode != 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
 from toyaccel.errors import Interrupted, ToyaccelError
+from toyaccel.launch import launched_rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +72,7 @@ def run_cli(main: Callable[[], Any]) -> int:
         main()
     except ToyaccelError as e:
         tell_the_launcher(f"error: {e}")
-        if os.environ.get("RANK", "0") != "0":
+        if launched_rank() != 0:
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
             time.sleep(10)
@@ -82,7 +83,7 @@ def run_cli(main: Callable[[], Any]) -> int:
     except Interrupted as e:
         return e.exit_code  # the training loop saved a checkpoint, and its main process said where
     except KeyboardInterrupt:  # Ctrl-C before training started: said once, not by every process
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print("interrupted", file=sys.stderr)
         return 130
     return 0
@@ -134,7 +135,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
         args = parser.parse_args(argv)
         metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size)
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print(format_evaluation(metrics), flush=True)
 
     return run_cli(main)

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import gc
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from toyaccel.checkpoint import (
     ResumePlan,
@@ -37,6 +36,7 @@ from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, dra
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
 from toyaccel.interrupts import StopRequests
+from toyaccel.launch import build_accelerator, check_world
 from toyaccel.metrics import MetricsLogger
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import (
@@ -293,45 +293,6 @@ def optimizer_to_step(accelerator: Accelerator, optimizer):
 
 # ---------------------------------------------------------------------------------------------
 # Setting up, resuming, finishing
-
-
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
-    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    try:
-        accelerator = Accelerator(
-            cpu=multi_process and not torch.cuda.is_available(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.grad_accum,
-            dynamo_backend="inductor" if config.compile else None,
-            log_with=config.log_with,
-            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-        )
-    except (ValueError, ImportError, RuntimeError) as e:
-        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
-    return accelerator
-
-
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse setups that would run, but not as asked."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise ToyaccelError(
-            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
-        )
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
-        raise ToyaccelError(
-            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
-        )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
-        )
 
 
 def on_main_process(accelerator: Accelerator, fn, *args):
