@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -113,9 +112,8 @@ class Slurm:
         self.munge.chmod(0o755)
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         # No GPU for these jobs even where there is one: the CPU runs are what is compared.
-        return subprocess_env({"SLURM_CONF": str(self.conf), "PATH": path, "CUDA_VISIBLE_DEVICES": "", **(extra or {})})
+        return subprocess_env({"SLURM_CONF": str(self.conf), "CUDA_VISIBLE_DEVICES": "", **(extra or {})})
 
     def command(self, *args: str) -> str:
         proc = subprocess.run(args, env=self.env(), capture_output=True, text=True, timeout=30)
