@@ -293,10 +293,13 @@ def jobs(slurm, tmp_path_factory) -> dict[str, Job]:
     deadline = time.monotonic() + JOB_TIMEOUT
     while signals:
         for name, (command, stalled) in list(signals.items()):
-            if jobs[name].text().count(stalled) == 2:  # both machines wait
-                jobs[name].processes_while_running = len(job_processes(jobs[name].id))
-                slurm.command(*command, jobs[name].id)
+            job = jobs[name]
+            if job.text().count(stalled) == 2:  # both machines wait
+                job.processes_while_running = len(job_processes(job.id))
+                slurm.command(*command, job.id)
                 del signals[name]
+            elif "Traceback" in job.text() or "error:" in job.text():
+                raise AssertionError(f"job {job.id} failed before {stalled!r}: {job_log(job.log)}")
         assert time.monotonic() < deadline, "".join(f"no stall in {job_log(jobs[n].log)}" for n in signals)
         time.sleep(0.2)
     for job in jobs.values():
