@@ -83,6 +83,9 @@ def run_cli(main: Callable[[], Any]) -> int:
         sys.stderr.flush()
         return e.exit_code
     except Interrupted as e:
+        from toyaccel.interrupts import ignore_stop_signals
+
+        ignore_stop_signals()
         return e.exit_code  # the training loop saved a checkpoint, and its main process said where
     except KeyboardInterrupt:  # Ctrl-C before training started: said once, not by every process
         if launched_rank() == 0:
