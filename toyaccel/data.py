@@ -659,6 +659,9 @@ def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig) -> DataLoad
     )
 
 
+GATHER_BATCHES = 32
+
+
 class TensorBatches:
     """This process's training batches straight from the tensors: what accelerate's prepared DataLoader
     yields here (batch i of the sampler to process i % N, as its BatchSamplerShard deals them out, moved to
@@ -675,8 +678,17 @@ class TensorBatches:
         return len(self.batch_sampler) // self.num_processes
 
     def __iter__(self):
-        for indices in itertools.islice(self.batch_sampler, self.process_index, None, self.num_processes):
-            yield to_device(self.dataset.__getitems__(indices), self.device)
+        mine = itertools.islice(self.batch_sampler, self.process_index, None, self.num_processes)
+        # One gather for a run of batches, then views: index_select's fixed cost is paid once per
+        # GATHER_BATCHES batches instead of per batch (~16 us of ~19 a batch), at the price of a copy of
+        # that many batches' rows.
+        while chunk := list(itertools.islice(mine, GATHER_BATCHES)):
+            features, labels = to_device(self.dataset.__getitems__(torch.cat(chunk)), self.device)
+            start = 0
+            for indices in chunk:
+                end = start + len(indices)
+                yield features[start:end], labels[start:end]
+                start = end
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
