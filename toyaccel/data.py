@@ -99,7 +99,8 @@ def load_data(config: TrainConfig) -> DataBundle:
         classes = training_classes(source, config.num_classes)
         train, names, val = ToyDataset(source.features, class_indices(source, classes)), source.feature_names, None
     if config.val_data:
-        val_table = read_table(config.val_data, config.label_column, ignore=config.ignore_columns, training=True)
+        ignore = columns_present(config.val_data, config.ignore_columns)  # a validation file may lack an id column
+        val_table = read_table(config.val_data, config.label_column, ignore=ignore, training=True)
         if val_table.feature_names != names:
             raise ToyaccelError(
                 f"{config.val_data}: feature columns {val_table.feature_names} differ from the training data's {names}"
@@ -209,6 +210,12 @@ def read_table(
     if table is None:
         table = read_slow(path, columns, suggest_ignore=training)
     return table
+
+
+def columns_present(path: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``names`` that ``path``'s header has."""
+    header = read_header(path)[1]
+    return tuple(name for name in names if name in header)
 
 
 @dataclass

@@ -24,8 +24,8 @@ from toyaccel.data import (
     ToyDataset,
     apply_standardization,
     class_indices,
+    columns_present,
     load_data,
-    read_header,
     read_table,
     saved_classes,
 )
@@ -142,8 +142,7 @@ def prediction_features(
     if data == "toy":
         return run.standardize(book_test_features(run)), {}
     if ignore_columns is None:
-        header = read_header(data)[1]
-        ignore_columns = tuple(name for name in run.ignore_columns if name in header)
+        ignore_columns = columns_present(data, tuple(run.ignore_columns))
     table = read_table(data, None, run.feature_names, ignore=ignore_columns, keep=ignore_columns)
     return run.standardize(table.features), table.kept
 
