@@ -209,7 +209,7 @@ class EpochLoop(ToyaccelLoop):
         held_out = synthetic_blobs(labels.shape[0] + val_rows, NUM_FEATURES, NUM_CLASSES, SEED)
         val = ToyDataset(held_out.features[-val_rows:], held_out.labels[-val_rows:])
         bundle = DataBundle(ToyDataset(features, labels), val, NUM_FEATURES, NUM_CLASSES, [])
-        self.eval_sets = evaluation_sets(accelerator, self.config, bundle)
+        self.eval_sets = evaluation_sets(self.config, bundle)
 
     def epoch(self) -> int:
         from toyaccel.checkpoint import save_checkpoint

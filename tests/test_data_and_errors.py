@@ -13,7 +13,7 @@ from conftest import accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import Columns, load_data, read_fast, read_slow, read_table
+from toyaccel.data import Columns, ToyDataset, eval_batches, load_data, read_fast, read_slow, read_table
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -314,3 +314,13 @@ def test_help_says_each_default_once(capsys):
     assert "(default: None)" not in text and "--eval-train {sample,full}" in text
     for option in re.split(r" --(?=[a-z])", text)[1:]:
         assert option.count("(default") <= 1, option
+
+
+@pytest.mark.parametrize("rows, processes, batch_size", [(5, 3, 1), (2, 5, 256), (513, 2, 256)])
+def test_evaluation_shares_cover_every_row_once_in_equal_numbers_of_batches(rows, processes, batch_size):
+    """Each row is scored by one process; every process runs as many forwards (FSDP needs all of them)."""
+    ds = ToyDataset(torch.arange(rows, dtype=torch.float32).view(-1, 1), torch.arange(rows))
+    shares = [list(eval_batches(ds, batch_size, torch.device("cpu"), p, processes)) for p in range(processes)]
+    assert len({len(batches) for batches in shares}) == 1
+    seen = torch.cat([labels for batches in shares for _, labels in batches])
+    assert seen.tolist() == list(range(rows))

@@ -726,19 +726,20 @@ def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int
     return TensorBatches(dataset, sampler, state.process_index, world_size, state.device)
 
 
-def eval_shard(dataset: ToyDataset, process_index: int, num_processes: int) -> ToyDataset:
-    """This process's contiguous share of an evaluation set. Every row is scored by exactly one process,
-    so the metrics are one sum over processes per pass: no padded rows to trim, no gather per batch."""
+def eval_batches(dataset: ToyDataset, batch_size: int, device: torch.device, process_index: int = 0,
+                 num_processes: int = 1):  # fmt: skip
+    """This process's share of an evaluation set, in batches that are views of the tensors (no sampler, no
+    per-batch indexing or collation). Each process takes a contiguous block of rows, so every row is
+    scored exactly once and metrics are one sum over processes: no padded rows to trim, no gather per
+    batch. Every process yields the same number of batches (its last ones may be empty): a sharded
+    model (FSDP) needs every process in each forward."""
     n = len(dataset)
     start, end = n * process_index // num_processes, n * (process_index + 1) // num_processes
-    return ToyDataset(dataset.features[start:end], dataset.labels[start:end])
-
-
-def eval_batches(dataset: ToyDataset, batch_size: int, device: torch.device):
-    """Consecutive rows as views of the tensors: no sampler, no per-batch indexing or collation."""
-    for start in range(0, len(dataset), batch_size):
-        end = start + batch_size
-        yield to_device((dataset.features[start:end], dataset.labels[start:end]), device)
+    rounds = math.ceil(math.ceil(n / num_processes) / batch_size)
+    for r in range(rounds):
+        low = min(end, start + r * batch_size)
+        high = min(end, low + batch_size)
+        yield to_device((dataset.features[low:high], dataset.labels[low:high]), device)
 
 
 def training_sample(dataset: ToyDataset, rows: int, seed: int) -> ToyDataset:

@@ -176,13 +176,10 @@ def evaluate_run(
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     # Its own function so the prepared (DDP) model is gone before release() ends the process group.
-    from toyaccel.data import eval_shard
     from toyaccel.training import evaluate
 
     num_classes = model.layers[-1].out_features
-    model = accelerator.prepare(model)
-    shard = eval_shard(dataset, accelerator.process_index, accelerator.num_processes)
-    return evaluate(accelerator, model, shard, num_classes, config.batch_size)
+    return evaluate(accelerator, accelerator.prepare(model), dataset, num_classes, config.batch_size)
 
 
 def format_evaluation(metrics: dict[str, Any]) -> str:

@@ -30,7 +30,6 @@ from toyaccel.data import (
     build_train_loader,
     draw_epoch_seed,
     eval_batches,
-    eval_shard,
     load_data,
     training_sample,
 )
@@ -97,7 +96,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    eval_sets = evaluation_sets(accelerator, config, data)
+    eval_sets = evaluation_sets(config, data)
 
     torch.manual_seed(config.seed)  # ...and again before building the model
     model = NeuralNetwork(data.num_features, data.num_classes, config.hidden)
@@ -206,32 +205,33 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     return last_loss
 
 
-def evaluation_sets(accelerator, config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
-    """This process's share of what each epoch end scores: the training rows (a fixed sample of them unless
-    --eval-train full) and the validation rows."""
+def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
+    """What each epoch end scores: the training rows (a fixed sample of them unless --eval-train full)
+    and the validation rows."""
     sample = config.eval_train == "sample"
     sets = {"train": training_sample(data.train, EVAL_TRAIN_SAMPLE, config.seed) if sample else data.train}
     if data.val is not None:
         sets["val"] = data.val
-    return {name: eval_shard(ds, accelerator.process_index, accelerator.num_processes) for name, ds in sets.items()}
+    return sets
 
 
 def evaluate_sets(accelerator, model, sets: dict[str, ToyDataset], num_classes: int, config: TrainConfig):
     batch_size = max(EVAL_BATCH_SIZE, config.batch_size)
-    return {name: evaluate(accelerator, model, shard, num_classes, batch_size) for name, shard in sets.items()}
+    return {name: evaluate(accelerator, model, dataset, num_classes, batch_size) for name, dataset in sets.items()}
 
 
 EVAL_BATCH_SIZE = 256
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, shard: ToyDataset, num_classes: int, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once: every process
-    scores its own shard (``eval_shard``) and one all-reduce per pass sums the counts."""
+    scores its own share (``eval_batches``) and one all-reduce per pass sums the counts."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
-    for features, labels in eval_batches(shard, batch_size, accelerator.device):
+    share = (accelerator.process_index, accelerator.num_processes)
+    for features, labels in eval_batches(dataset, batch_size, accelerator.device, *share):
         logits = model(features)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
