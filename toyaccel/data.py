@@ -237,29 +237,10 @@ class Columns:
 
 
 def read_header(path: str) -> tuple[int, list[str]]:
-    """The header's line number and its names, after checking that the file exists, is not empty,
+    """The header's row number and its names, after checking that the file exists, is not empty,
     names every column once and has at least one data row."""
-    p = Path(path)
-    if not path or not p.is_file():
-        raise ToyaccelError(f"{path or repr(path)}: {'no such file' if not path or not p.exists() else 'not a file'}")
-    found = []
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    found.append((reader.line_num, row))
-                    if len(found) == 2:
-                        break
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ToyaccelError(f"{path}: cannot read as CSV: {e}") from None
-    if not found:
-        raise ToyaccelError(f"{path}: file is empty (expected a header row and data rows)")
-    header_row, header = found[0][0], [h.strip() for h in found[0][1]]
-    check_header(path, header)
-    if len(found) < 2:
-        raise ToyaccelError(f"{path}: header only, no data rows")
-    return header_row, header
+    header_row, header = scan_rows(path, limit=2)[0]
+    return header_row, [h.strip() for h in header]
 
 
 def check_header(path: str, header: list[str]) -> None:
@@ -359,6 +340,17 @@ def read_slow(path: str, columns: Columns, suggest_ignore: bool = False) -> Tabl
 def read_rows(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and every non-blank row with its row number as a spreadsheet shows it (the header is
     row 1), after checking that the file exists, is not empty and that every row has the header's length."""
+    (_, header), *rows = scan_rows(path)
+    header = [h.strip() for h in header]
+    for row_no, row in rows:
+        if len(row) != len(header):
+            raise ToyaccelError(f"{path}: row {row_no} has {len(row)} columns, the header has {len(header)}")
+    return header, rows
+
+
+def scan_rows(path: str, limit: int | None = None) -> list[tuple[int, list[str]]]:
+    """The header row and (up to ``limit`` rows in all) the non-blank data rows, each with its row number,
+    after checking that the file exists, reads as CSV, has a well-named header and a data row."""
     p = Path(path)
     if not path or not p.is_file():
         raise ToyaccelError(f"{path or repr(path)}: {'no such file' if not path or not p.exists() else 'not a file'}")
@@ -371,19 +363,16 @@ def read_rows(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
             for row in reader:
                 if any(cell.strip() for cell in row):  # skip blank lines, e.g. a trailing newline
                     rows.append((reader.line_num, row))
+                    if len(rows) == limit:
+                        break
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ToyaccelError(f"{path}: cannot read as CSV: {e}") from None
     if not rows:
         raise ToyaccelError(f"{path}: file is empty (expected a header row and data rows)")
-    (_, header), rows = rows[0], rows[1:]
-    header = [h.strip() for h in header]
-    check_header(path, header)
-    if not rows:
+    check_header(path, [h.strip() for h in rows[0][1]])
+    if len(rows) < 2:
         raise ToyaccelError(f"{path}: header only, no data rows")
-    for row_no, row in rows:
-        if len(row) != len(header):
-            raise ToyaccelError(f"{path}: row {row_no} has {len(row)} columns, the header has {len(header)}")
-    return header, rows
+    return rows
 
 
 def data_row_number(path: str, index: int) -> int:
