@@ -11,9 +11,11 @@ import torch
 from conftest import (
     BOOK_LOSSES,
     accelerate_launch,
+    accelerate_test_cmd,
     assert_weights_close,
     check_ok,
     read_json,
+    run_concurrently,
     step_losses,
     weights,
 )
@@ -72,3 +74,20 @@ def test_fsdp_saves_the_full_unsharded_weights(tmp_path):
     reference = tmp_path / "reference"
     fit(data="synthetic", num_samples=64, batch_size=2 * processes, plot=False, output_dir=str(reference))
     assert_weights_close(saved, weights(reference), atol=GPU_ATOL)
+
+
+@pytest.mark.parametrize(
+    "config, distributed_type, gpus",
+    [
+        pytest.param("single_gpu.yaml", "NO", 1, marks=needs_gpu),
+        pytest.param("multi_gpu.yaml", "MULTI_GPU", 2, marks=needs_2_gpus),
+        pytest.param("fsdp.yaml", "FSDP", 2, marks=needs_2_gpus),
+    ],
+)
+def test_accelerate_test_passes_for_every_gpu_config(config, distributed_type, gpus, tmp_path):
+    """Accelerate's own check, exactly as printed; the world each process saw is checked too, since N
+    independent copies would pass as well (multi_node.yaml needs two machines: not run here)."""
+    proc = check_ok(run_concurrently({config: (accelerate_test_cmd(config), {})}, tmp_path)[config])
+    assert "Test is a success" in proc.stdout
+    assert proc.stdout.count(f"Distributed environment: DistributedType.{distributed_type}") == gpus
+    assert proc.stdout.count("Num processes: ") == proc.stdout.count(f"Num processes: {gpus}\n") == gpus

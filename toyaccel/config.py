@@ -65,7 +65,9 @@ class TrainConfig:
         "runs/toy, runs/toy-2, ...; named after --data)",
     )
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
-    resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from")
+    resume: str | None = _opt(
+        None, "'latest' (newest complete checkpoint), 'auto' (latest if any, else start) or a checkpoint folder"
+    )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
     eval_every: int = _opt(1, "evaluate every N epochs (the last epoch always)")
     eval_train: str = _opt(

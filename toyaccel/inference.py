@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from toyaccel.data import (
     saved_classes,
 )
 from toyaccel.errors import ToyaccelError
+from toyaccel.launch import build_accelerator, check_world, launched_world_size
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
 
@@ -159,7 +159,7 @@ def evaluate_run(
     ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import build_accelerator, check_world, release  # accelerate is slow to import
+    from toyaccel.training import release  # accelerate is slow to import
 
     config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
     # Bad input fails here, on every process, before any process waits for another.
@@ -218,7 +218,7 @@ def predict_file(
 ) -> int:
     """Write the ignored columns (ids), ``predicted`` and one ``prob_<class>`` per class for every data row
     of ``data`` to ``output``; return the row count."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ToyaccelError(
             "predict runs in one process: start it with python or toyaccel-predict, not a multi-process launch"
         )
