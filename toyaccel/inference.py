@@ -1,7 +1,7 @@
 """Evaluate and predict with a saved run, reading only ``model.safetensors`` and ``config.json`` (no pickle).
 
-``evaluate_run`` runs under ``accelerate launch`` like training does: every process scores its shard and
-``gather_for_metrics`` makes the loss, accuracy and confusion matrix those of the whole data set.
+``evaluate_run`` runs under ``accelerate launch`` like training does: every process scores its share of the
+rows and one all-reduce makes the loss, accuracy and confusion matrix those of the whole data set.
 ``predict_file`` is a single process job: the model is small and the output is one file.
 """
 
