@@ -16,6 +16,8 @@ from typing import Any
 from toyaccel.errors import ToyaccelError
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+EVAL_TRAIN = ("sample", "full")
+EVAL_TRAIN_SAMPLE = 8192  # rows of the fixed training-set sample that --eval-train sample scores
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MODELS = ("mlp", "gpt")
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,20 +32,22 @@ PRESETS = {
 # What an option left at None means, per --model: the MLP keeps the book's Appendix A run; the GPT
 # gets chapter 5's optimizer (AdamW, lr 0.0004, weight decay 0.1) and a model small enough for a CPU.
 WORKLOAD_DEFAULTS = {
-    "mlp": {"data": "toy", "output_dir": "runs/toy", "num_samples": 1000, "val_fraction": 0.0,
+    "mlp": {"data": "toy", "num_samples": 1000, "val_fraction": 0.0,
             "optimizer": "sgd", "lr": 0.5},
-    "gpt": {"data": "synthetic", "output_dir": "runs/gpt", "num_samples": 50_000, "val_fraction": 0.1,
+    "gpt": {"data": "synthetic", "num_samples": 50_000, "val_fraction": 0.1,
             "optimizer": "adamw", "lr": 0.0004, "weight_decay": 0.1,
             "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
             "drop_rate": 0.1, "qkv_bias": False},
 }  # fmt: skip
 GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
                "drop_rate", "qkv_bias")  # fmt: skip
-MLP_OPTIONS = ("label_column", "num_features", "num_classes", "standardize", "hidden")
+# The GPT scores every training window (its evaluation is cheap next to its training step): --eval-train is
+# an MLP option.
+MLP_OPTIONS = ("label_column", "ignore_columns", "num_features", "num_classes", "standardize", "hidden", "eval_train")
 # --help and --config files group the options; an option not listed here is a "run" option.
 SECTIONS = {
-    "data": ("data", "val_data", "val_fraction", "label_column", "num_samples", "num_features", "num_classes",
-             "standardize", "tokenizer", "vocab_size", "stride"),
+    "data": ("data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
+             "num_classes", "standardize", "tokenizer", "vocab_size", "stride"),
     "model": ("model", "preset", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
@@ -74,7 +78,12 @@ class TrainConfig:
         None, "mlp: hold out this fraction of the rows (seeded split; default 0); gpt: the last fraction of the text "
         "(default 0.1, the book's train_ratio 0.9)"
     )
-    label_column: str = _opt("label", "CSV column holding the integer class label")
+    label_column: str = _opt(
+        "label", "CSV column holding the class: numbers 0..K-1, or any values (names, other numbers) as class names"
+    )
+    ignore_columns: tuple[str, ...] = _opt(
+        (), "CSV columns that are not features, comma separated, e.g. id,name (predict copies them to its output)"
+    )
     num_samples: int | None = _opt(None, "'synthetic': number of rows (mlp, default 1000) or characters (gpt, 50000)")
     num_features: int = _opt(2, "'synthetic': number of input features")
     num_classes: int | None = _opt(None, "number of classes (default: inferred from the labels; 2 for 'synthetic')")
@@ -115,13 +124,22 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model (same results within tolerance, slower start)")
     # --- outputs ------------------------------------------------------------------------------
     output_dir: str | None = _opt(
-        None, "where model, config, results, metrics and checkpoints go (default: runs/toy, or runs/gpt)"
+        None,
+        "where model, config, results, metrics and checkpoints go (default: a fresh folder per run: "
+        "runs/toy, runs/toy-2, ...; named after --data)",
     )
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
     resume: str | None = _opt(
         None, "'latest' (newest complete checkpoint), 'auto' (latest if any, else start) or a checkpoint folder"
     )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
+    eval_every: int = _opt(1, "evaluate every N epochs (the last epoch always)")
+    eval_train: str = _opt(
+        "sample",
+        f"training-set metrics: 'sample' scores a fixed seeded sample of {EVAL_TRAIN_SAMPLE} rows (every row of a "
+        "smaller set), 'full' every row",
+        choices=EVAL_TRAIN,
+    )
     keep_last: int = _opt(3, "keep only the newest K checkpoints (0 = keep all)")
     log_every: int = _opt(0, "log every N optimizer steps (0 = about ten lines per epoch)")
     progress: bool = _opt(True, "show a progress bar when writing to a terminal")
@@ -133,7 +151,7 @@ class TrainConfig:
     # (batch_size and grad_accum enter through the global batch, so a resume may change how the
     # global batch is split over processes.)
     TRAINING_FIELDS = (
-        "data", "val_data", "val_fraction", "label_column", "num_samples", "num_features",
+        "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
         "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule",
         "warmup_steps", "max_grad_norm",
         "model", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
@@ -177,7 +195,7 @@ class TrainConfig:
         """Check every field once; raise ToyaccelError naming the first bad one."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "hidden":
+            if f.name in ("hidden", "ignore_columns"):
                 continue
             if value is None and "None" in str(f.type):
                 continue
@@ -191,7 +209,8 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise ToyaccelError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         self.hidden = parse_hidden(self.hidden)
-        positive = ("epochs", "batch_size", "grad_accum", "num_samples", "num_features")
+        self.ignore_columns = parse_names(self.ignore_columns)
+        positive = ("epochs", "batch_size", "grad_accum", "num_samples", "num_features", "eval_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ToyaccelError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -232,12 +251,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["ignore_columns"] = list(self.ignore_columns)
         return d
-
-    def options_in_use(self) -> dict[str, Any]:
-        """to_dict() without the options of the other model family (what a log line needs to show)."""
-        unused = MLP_OPTIONS if self.model == "gpt" else GPT_OPTIONS
-        return {k: v for k, v in self.to_dict().items() if k not in unused}
 
     def training_dict(self) -> dict[str, Any]:
         d = self.to_dict()
@@ -263,6 +278,33 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
     if any(s < 1 for s in sizes) or any(isinstance(p, (bool, float)) for p in parts):
         raise ToyaccelError(f"hidden sizes must be positive integers, got {value!r}")
     return sizes
+
+
+def parse_names(value: Any) -> tuple[str, ...]:
+    """'id, name', ['id', 'name'] -> ('id', 'name'); '' or [] -> ()."""
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(p.strip() for p in value if p.strip())
+    raise ToyaccelError(f"ignore_columns must be comma-separated column names like id,name, got {value!r}")
+
+
+def applicable_options(config: TrainConfig) -> dict[str, Any]:
+    """The options that take part in this run: unset ones and those of another data source left out.
+    What the start-up line prints and config.json keeps."""
+    csv_only = ("label_column", "ignore_columns")
+    synthetic_only = ("num_samples", "num_features")
+    d = config.to_dict()
+    other_family = MLP_OPTIONS if config.model == "gpt" else GPT_OPTIONS
+    for name, value in config.to_dict().items():
+        unset = value is None or value == [] or value == "" or (name == "val_fraction" and not value)
+        if unset or name in other_family:
+            del d[name]
+        elif name in csv_only and config.data in ("toy", "synthetic"):
+            del d[name]
+        elif name in synthetic_only and config.data != "synthetic":
+            del d[name]
+    return d
 
 
 def field_names() -> list[str]:

@@ -31,8 +31,8 @@ from toyaccel.checkpoint import (
     save_checkpoint,
     set_aside_abandoned,
 )
-from toyaccel.config import TrainConfig
-from toyaccel.data import build_eval_loader, build_train_loader, draw_epoch_seed
+from toyaccel.config import TrainConfig, applicable_options
+from toyaccel.data import build_train_loader, draw_epoch_seed
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
 from toyaccel.interrupts import StopRequests
@@ -40,6 +40,7 @@ from toyaccel.launch import build_accelerator, check_world
 from toyaccel.metrics import MetricsLogger
 from toyaccel.outputs import (
     claim_for_this_launch,
+    default_output_dir,
     launch_id,
     prepare_output_dir,
     restart_of_owning_launch,
@@ -84,6 +85,9 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     config = config or TrainConfig()
     if overrides:
         config = config.replace(**overrides)
+    if config.output_dir is None:
+        # Chosen before the process group forms: no process creates it before every process has chosen.
+        config = config.replace(output_dir=default_output_dir(config.data, resuming=config.resume is not None))
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
     # Bad input fails here, on every process, before anything is written.
     data = get_workload(config.model).load_data(config)
@@ -100,7 +104,7 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
 def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopRequests) -> RunResult:
     workload = get_workload(config.model)
     check_world(accelerator)
-    accelerator.print(describe(config, accelerator))
+    accelerator.print(describe(config, accelerator, data))
     train_loader = build_train_loader(data.train, config, accelerator.num_processes)
     fresh = fresh_state(accelerator, config, data, train_loader.batch_sampler.global_batch)
     plan = on_main_process(accelerator, decide_resume, config, fresh, accelerator.print)
@@ -108,18 +112,12 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    eval_batch = workload.eval_batch_size(config)
-    eval_loaders = {"train": build_eval_loader(data.train, config, eval_batch)}
-    if data.val is not None:
-        eval_loaders["val"] = build_eval_loader(data.val, config, eval_batch)
+    score = workload.evaluator(accelerator, config, data)
 
     torch.manual_seed(config.seed)  # ...and again before building the model
     model = workload.build_model(config, data)
     optimizer = build_optimizer(config, model)
-    model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
-    eval_loaders = dict(zip(eval_loaders, prepared))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
     state = start_or_resume(accelerator, config, plan, fresh)
     launch_ids = gather_object([launch_id()])
@@ -143,12 +141,14 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         train_seconds += time.perf_counter() - started
         samples_trained += (state.global_step - first_step) * state.global_batch
         state.finish_epoch()
-        metrics = {name: workload.evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
-        logger.log({**epoch_record(state, metrics, workload), **workload.after_epoch(accelerator, model, config, data)})
+        due = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
+        metrics = score(model) if due else None
+        sample = workload.after_epoch(accelerator, model, config, data)
+        logger.log({**epoch_record(state, metrics or {}, workload), **sample})
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
-        metrics = {name: workload.evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+        metrics = score(model)
     samples_per_s = samples_trained / train_seconds if train_seconds else 0.0
     result = RunResult(
         metrics=workload.result_metrics(metrics, samples_per_s, config),
@@ -165,6 +165,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         history=logger.history,
     )
     save_outputs(accelerator, model, config, result)
+    accelerator.print(f"saved the run in {config.output_dir}")
     return result
 
 
@@ -245,9 +246,6 @@ def train_one_epoch(
     return last_loss
 
 
-def evaluate(accelerator, model, loader, model_family: str = "mlp") -> dict[str, Any]:
-    """The workload's metrics over the whole dataset, each sample counted once."""
-    return get_workload(model_family).evaluate(accelerator, model, loader)
 
 
 def epoch_record(state: TrainerState, metrics: dict[str, dict[str, Any]], workload) -> dict[str, Any]:
@@ -405,20 +403,26 @@ def interrupted(accelerator, signum: int, path: Path, state: TrainerState, epoch
     return Interrupted(signum, message)
 
 
-def describe(config: TrainConfig, accelerator: Accelerator) -> str:
-    """The resolved config in one line, printed once so a log says what produced it."""
-    options = " ".join(f"{k}={v}" for k, v in config.options_in_use().items())
+def describe(config: TrainConfig, accelerator: Accelerator, data) -> str:
+    """One line, printed once, that says what this run is: where it runs, the data as read, where its files
+    go and the options that apply."""
+    said = {"data", "val_data", "val_fraction", "output_dir", "num_classes", "num_samples", "num_features"}
+    options = " ".join(f"{k}={v}" for k, v in applicable_options(config).items() if k not in said)
     return (
         f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | {options}"
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | "
+        f"{get_workload(config.model).describe_data(data)} "
+        f"| output {config.output_dir} | {options}"
     )
 
 
 def run_description(config: TrainConfig, data, accelerator: Accelerator) -> dict[str, Any]:
-    """config.json: enough to rebuild the model (and its input scaling or tokenizer) without pickles."""
+    """config.json: enough to rebuild the model (its input scaling and class names, or its tokenizer)
+    without toyaccel's pickles; ``config`` holds the options that apply to this run."""
+    workload = get_workload(config.model)
     return {
-        "config": config.to_dict(),
-        **get_workload(config.model).run_description(config, data),
+        "config": applicable_options(config),
+        **workload.run_description(config, data),
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,

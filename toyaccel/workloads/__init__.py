@@ -10,13 +10,14 @@ each workload is one module that provides the rest:
     the training loss of one batch.
 ``uses_dropout(config)``
     whether the forward pass draws random numbers (each process then draws its own, see training.py).
-``eval_batch_size(config)``, ``evaluate(accelerator, model, loader)``, ``epoch_fields(metrics)``,
-``result_metrics(metrics, samples_per_s, config)``
-    the metrics over a whole data set, what an epoch's log line and results.json carry.
-``run_description(config, data)``, ``save_extras(output_dir, data)``, ``after_epoch(accelerator, model,
-config, data)``
-    config.json's model and data sections, files beside the weights (a tokenizer), and what the main
-    process does after each epoch's evaluation (a generated sample).
+``evaluator(accelerator, config, data)``, ``epoch_fields(metrics)``, ``result_metrics(metrics, samples_per_s,
+config)``
+    a function that scores the model on the training and validation sets (each sample counted once),
+    what an epoch's log line and results.json carry.
+``describe_data(data)``, ``run_description(config, data)``, ``save_extras(output_dir, data)``,
+``after_epoch(accelerator, model, config, data)``
+    the data as read (the start-up line), config.json's model and data sections, files beside the
+    weights (a tokenizer), and what the main process does after each epoch's evaluation (a sample).
 """
 
 from __future__ import annotations

@@ -49,8 +49,23 @@ def uses_dropout(config: TrainConfig) -> bool:
     return config.drop_rate > 0
 
 
-def eval_batch_size(config: TrainConfig) -> int:
-    return config.batch_size
+def evaluator(accelerator, config: TrainConfig, data: TextBundle):
+    """What scores the model at an epoch's end: every training and validation window once. The windows go
+    through a prepared loader (gather_for_metrics trims accelerate's padding), not the MLP's row shares:
+    its per-window sums make the figures the same for any number of processes."""
+    sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
+    loaders = {name: accelerator.prepare(eval_loader(windows, config)) for name, windows in sets.items()}
+    return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
+
+
+def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
+    """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from toyaccel.data import _loader
+
+    sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
+    return _loader(windows, sampler, config)
 
 
 @torch.no_grad()
@@ -96,6 +111,16 @@ def run_description(config: TrainConfig, data: TextBundle) -> dict[str, Any]:
         "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
                  "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
     }  # fmt: skip
+
+
+def describe_data(data: TextBundle) -> str:
+    """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), val 38 ...``"""
+    windows = data.train.context_length
+    words = f"data {data.source}: {data.tokenizer.kind} tokenizer ({data.tokenizer.size} tokens); "
+    words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
+    if data.val is not None:
+        words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
+    return words
 
 
 def save_extras(output_dir: str, data: TextBundle) -> None:
@@ -204,7 +229,6 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
     from toyaccel.config import build_config
-    from toyaccel.data import build_eval_loader
     from toyaccel.launch import build_accelerator, check_world
     from toyaccel.text import TextWindows, read_text, split_text
     from toyaccel.training import release
@@ -235,7 +259,7 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     accelerator = build_accelerator(config)
     try:
         check_world(accelerator)
-        metrics = evaluate_prepared(accelerator, model, build_eval_loader(dataset, config, config.batch_size))
+        metrics = evaluate_prepared(accelerator, model, eval_loader(dataset, config))
     finally:
         release(accelerator)
     return {"data": f"{what} ({len(dataset)} windows, {metrics['tokens']} tokens)", **metrics}

@@ -7,8 +7,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import TrainConfig
-from toyaccel.data import DataBundle, load_data  # noqa: F401 - load_data is this workload's data source
+from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig
+from toyaccel.data import (
+    DataBundle,
+    ToyDataset,
+    eval_batches,
+    load_data,  # noqa: F401 - load_data is this workload's data source
+    training_sample,
+)
 from toyaccel.model import NeuralNetwork
 
 EVAL_BATCH_SIZE = 256
@@ -36,31 +42,47 @@ def uses_dropout(config: TrainConfig) -> bool:
     return False
 
 
-def eval_batch_size(config: TrainConfig) -> int:
-    return max(EVAL_BATCH_SIZE, config.batch_size)
+def evaluator(accelerator, config: TrainConfig, data: DataBundle):
+    """What scores the model at an epoch's end: the training rows (a fixed sample of them unless
+    --eval-train full) and the validation rows, straight from the tensors (no loader to prepare)."""
+    sets = evaluation_sets(config, data)
+    return lambda model: evaluate_sets(accelerator, model, sets, data.num_classes, config)
+
+
+def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
+    sample = config.eval_train == "sample"
+    sets = {"train": training_sample(data.train, EVAL_TRAIN_SAMPLE, config.seed) if sample else data.train}
+    if data.val is not None:
+        sets["val"] = data.val
+    return sets
+
+
+def evaluate_sets(accelerator, model, sets: dict[str, ToyDataset], num_classes: int, config: TrainConfig):
+    batch_size = max(EVAL_BATCH_SIZE, config.batch_size)
+    return {name: evaluate(accelerator, model, dataset, num_classes, batch_size) for name, dataset in sets.items()}
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once."""
+def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once: every process
+    scores its own share (``eval_batches``) and one all-reduce per pass sums the counts."""
     model.eval()
-    num_classes = None
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    confusion = None
-    for features, labels in loader:
+    confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
+    share = (accelerator.process_index, accelerator.num_processes)
+    for features, labels in eval_batches(dataset, batch_size, accelerator.device, *share):
         logits = model(features)
-        # gather_for_metrics drops the samples accelerate repeated to give every process a full batch.
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        if confusion is None:
-            num_classes = logits.shape[1]
-            confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     model.train()
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    totals = torch.cat([loss_sum.view(1), confusion.double()])  # counts below 2**53 stay exact as float64
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, "sum")
+    totals = totals.cpu()
+    confusion = totals[1:].long().view(num_classes, num_classes)
     count = int(confusion.sum())
     return {
-        "loss": loss_sum.item() / count,
+        "loss": totals[0].item() / count,
         "accuracy": int(confusion.diag().sum()) / count,
         "count": count,
         "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
@@ -82,17 +104,34 @@ def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, con
 
 
 def run_description(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
-    """config.json's part: enough to rebuild the model and its input scaling without toyaccel's pickles."""
+    """config.json's part: enough to rebuild the model, its input scaling and its class names without
+    toyaccel's pickles."""
     return {
         "model": model_shape(config, data),
         "data": {
             "feature_names": data.feature_names,
             "label_column": config.label_column,
+            "ignore_columns": list(config.ignore_columns),
             "num_classes": data.num_classes,
+            "classes": data.classes,
             "mean": data.mean,
             "std": data.std,
         },
     }
+
+
+def describe_data(data: DataBundle) -> str:
+    """``data train.csv: 150 rows, 4 features (a, b, c, d), 3 classes: setosa, versicolor, virginica; train 120,
+    val 30 (0.2 of the rows held out)``"""
+    words = f"data {data.source}: {data.rows_read} rows, {data.num_features} features ({few(data.feature_names)})"
+    words += f", {data.num_classes} classes: {few(data.classes, 10)}; train {len(data.train)}"
+    if data.val is not None:
+        words += f", val {len(data.val)} ({data.val_source})"
+    return words
+
+
+def few(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 
 def save_extras(output_dir: str, data: DataBundle) -> None:
