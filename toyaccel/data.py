@@ -38,7 +38,8 @@ class ToyDataset(Dataset):
     def __getitems__(self, indices):
         # index_select copies whole rows; advanced indexing (features[indices]) gathers element by
         # element and costs ~5x more on a shuffled batch (~150 vs ~30 us for 256 x 32 floats).
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        # On a GPU the training sampler's indices are already there (no copy); lists move with the data.
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.features.device)
         return self.features.index_select(0, indices), self.labels.index_select(0, indices)
 
     def __len__(self) -> int:
@@ -212,8 +213,7 @@ def parse_labels(
             raise ToyaccelError(f"{where}: a label must be a class number 0, 1, 2, ..., got {cell}")
         if num_classes is not None and value >= num_classes:
             raise ToyaccelError(
-                f"{where}: label {cell} is out of range for num_classes={num_classes} "
-                f"(labels 0..{num_classes - 1})"
+                f"{where}: label {cell} is out of range for num_classes={num_classes} (labels 0..{num_classes - 1})"
             )
         if value > MAX_LABEL:
             raise ToyaccelError(f"{where}: label {cell} is too large to be a class number")
@@ -297,10 +297,11 @@ class EpochBatchSampler:
 
     drop_last = True  # read by accelerate: never pad training batches with repeated samples
 
-    def __init__(self, num_samples: int, batch_size: int, global_batch: int):
+    def __init__(self, num_samples: int, batch_size: int, global_batch: int, device: torch.device | str = "cpu"):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.global_batch = global_batch
+        self.device = torch.device(device)  # where the data is: batches are index tensors there
         self.epoch_seed: int | None = None
         self.start = 0
 
@@ -323,12 +324,14 @@ class EpochBatchSampler:
         if self.epoch_seed is None:
             raise RuntimeError("start_epoch() must be called before iterating")
         generator = torch.Generator().manual_seed(self.epoch_seed)
-        order = torch.randperm(self.num_samples, generator=generator)
+        # Drawn on the CPU whatever the device, so the order is the same everywhere; then one copy per
+        # epoch, so that no step waits for its indices.
+        order = torch.randperm(self.num_samples, generator=generator).to(self.device)
         end = self.start + self.steps_in_epoch() * self.global_batch
         return iter(order[self.start : end].split(self.batch_size))
 
 
-def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig) -> DataLoader:
+def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig, pin_memory: bool = False) -> DataLoader:
     # A private generator: the DataLoader draws a base seed per iteration and must not take it from
     # the global RNG, which decides the model init and the epoch order (see draw_epoch_seed).
     return DataLoader(
@@ -336,11 +339,14 @@ def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig) -> DataLoad
         batch_sampler=batch_sampler,
         collate_fn=keep_batch,
         num_workers=config.num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(config.seed),
     )
 
 
-def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int) -> DataLoader:
+def build_train_loader(
+    dataset: ToyDataset, config: TrainConfig, world_size: int, pin_memory: bool = False
+) -> DataLoader:
     global_batch = world_size * config.batch_size * config.grad_accum
     if len(dataset) < global_batch:
         raise ToyaccelError(
@@ -349,10 +355,13 @@ def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int
             f"x grad_accum {config.grad_accum}): "
             "zero training batches; lower --batch-size or --grad-accum, or use fewer processes"
         )
-    return _loader(dataset, EpochBatchSampler(len(dataset), config.batch_size, global_batch), config)
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch, dataset.features.device)
+    return _loader(dataset, sampler, config, pin_memory)
 
 
-def build_eval_loader(dataset: ToyDataset, config: TrainConfig, batch_size: int = 256) -> DataLoader:
+def build_eval_loader(
+    dataset: ToyDataset, config: TrainConfig, batch_size: int = 256, pin_memory: bool = False
+) -> DataLoader:
     """Every sample once, in order; accelerate pads the last round and gather_for_metrics trims it."""
     sampler = BatchSampler(SequentialSampler(range(len(dataset))), max(batch_size, config.batch_size), False)
-    return _loader(dataset, sampler, config)
+    return _loader(dataset, sampler, config, pin_memory)

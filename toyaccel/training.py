@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_ob
 from toyaccel.checkpoint import TrainerState, checkpoint_dirs, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from toyaccel.config import TrainConfig
 from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, draw_epoch_seed, load_data
+from toyaccel.device import apply_tf32, choose_placement, dataloader_configuration, gpu_description
 from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
 from toyaccel.metrics import MetricsLogger
@@ -77,16 +78,19 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
 
 def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
     check_world(accelerator)
-    accelerator.print(describe(config, accelerator))
-    train_loader = build_train_loader(data.train, config, accelerator.num_processes)
+    tf32 = apply_tf32(config.tf32, accelerator.device)
+    placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
+    accelerator.print(describe(config, accelerator, gpu_description(accelerator.device, tf32, placement)))
+    train_set, val_set = placement.place(data.train), placement.place(data.val)
+    train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
     resuming = config.resume is not None or restart_of_owning_launch(config.output_dir)
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    eval_loaders = {"train": build_eval_loader(data.train, config)}
-    if data.val is not None:
-        eval_loaders["val"] = build_eval_loader(data.val, config)
+    eval_loaders = {"train": build_eval_loader(train_set, config, pin_memory=placement.pin_memory)}
+    if val_set is not None:
+        eval_loaders["val"] = build_eval_loader(val_set, config, pin_memory=placement.pin_memory)
 
     torch.manual_seed(config.seed)  # ...and again before building the model
     model = NeuralNetwork(data.num_features, data.num_classes, config.hidden)
@@ -152,7 +156,7 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
     plain = stepper is not optimizer and accelerator.gradient_accumulation_steps == 1
     plain = plain and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
-    backward = torch.Tensor.backward if plain else accelerator.backward
+    backward = stepper.backward if plain else accelerator.backward
     logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
@@ -249,16 +253,40 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def optimizer_to_step(accelerator: Accelerator, optimizer):
-    """The optimizer the loop should call ``step``/``zero_grad`` on.
+    """What the loop calls ``step``/``zero_grad`` (and, with one micro-step per step, ``backward``) on.
 
     AcceleratedOptimizer costs ~50 us a step in package look-ups (shared/notes/perf-findings.md),
     a third of a small model's step. Its other jobs are the fp16 gradient scaler, XLA, and skipping
-    steps while accumulating; we step only when ``sync_gradients`` is set, so without a scaler or
-    XLA the wrapped optimizer is exactly equivalent.
+    steps while accumulating; we step only when ``sync_gradients`` is set, so outside XLA stepping
+    the wrapped optimizer directly, through the scaler under fp16, is exactly equivalent.
     """
-    if accelerator.scaler is None and accelerator.distributed_type != DistributedType.XLA:
-        return optimizer.optimizer
-    return optimizer
+    if accelerator.distributed_type == DistributedType.XLA:
+        return optimizer
+    return DirectStepper(optimizer.optimizer, accelerator.scaler)
+
+
+class DirectStepper:
+    """The optimizer, stepped as AcceleratedOptimizer steps it when gradients are in sync: through
+    the GradScaler under fp16 (its one host synchronisation per step, the inf check, is the only one
+    on that path), plainly otherwise."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler=None):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups = optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """accelerator.backward with nothing to accumulate: scale the loss under fp16."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +300,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     try:
         accelerator = Accelerator(
             cpu=multi_process and not torch.cuda.is_available(),
+            dataloader_config=dataloader_configuration(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             dynamo_backend="inductor" if config.compile else None,
@@ -341,12 +370,12 @@ def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
     return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
 
 
-def describe(config: TrainConfig, accelerator: Accelerator) -> str:
+def describe(config: TrainConfig, accelerator: Accelerator, device_details: str = "") -> str:
     """The resolved config in one line, printed once so a log says what produced it."""
     options = " ".join(f"{k}={v}" for k, v in config.to_dict().items())
     return (
         f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | {options}"
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}{device_details} | {options}"
     )
 
 
@@ -391,4 +420,3 @@ def release(accelerator: Accelerator) -> None:
     accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
