@@ -213,7 +213,8 @@ def parse_labels(
             raise ToyaccelError(f"{where}: a label must be a class number 0, 1, 2, ..., got {cell}")
         if num_classes is not None and value >= num_classes:
             raise ToyaccelError(
-                f"{where}: label {cell} is out of range for num_classes={num_classes} (labels 0..{num_classes - 1})"
+                f"{where}: label {cell} is out of range for num_classes={num_classes} "
+                f"(labels 0..{num_classes - 1})"
             )
         if value > MAX_LABEL:
             raise ToyaccelError(f"{where}: label {cell} is too large to be a class number")

@@ -272,7 +272,10 @@ class DirectStepper:
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler=None):
         self.optimizer, self.scaler = optimizer, scaler
-        self.param_groups = optimizer.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     def backward(self, loss: torch.Tensor) -> None:
         """accelerator.backward with nothing to accumulate: scale the loss under fp16."""
