@@ -110,14 +110,20 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
         # Every process holds the same global RNG state (same seed, same draws), so one copy serves
         # any number of processes on resume, including a different number.
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in sorted(tmp.iterdir())}
-        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
+        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": _manifest(tmp)})
         _move_into_place(tmp, final)
         if keep_last:
             for old in checkpoint_dirs(output_dir)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file, those in sub-folders too: FSDP's sharded state dicts are
+    folders (pytorch_model_fsdp_0/, optimizer_0/)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in files}
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
