@@ -90,9 +90,10 @@ def apply_tf32(wanted: bool, device: torch.device) -> bool:
     return enabled
 
 
-def gpu_description(device: torch.device, tf32: bool, placement: DataPlacement) -> str:
-    """What the start-up line adds on a GPU (nothing on CPU): TF32 and where the data lives."""
+def gpu_description(device: torch.device, tf32: bool, placement: DataPlacement, backend: str | None = None) -> str:
+    """What the start-up line adds on a GPU (nothing on CPU): TF32, where the data lives, and the
+    process group's backend (nccl) when there is more than one process."""
     if device.type != "cuda":
         return ""
     tf32_state = "on" if tf32 else "off" if tf32_supported(device) else "n/a (GPU older than Ampere)"
-    return f", tf32 {tf32_state}, {placement.description}"
+    return f", tf32 {tf32_state}, {placement.description}" + (f", backend {backend}" if backend else "")

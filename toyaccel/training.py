@@ -80,7 +80,8 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     check_world(accelerator)
     tf32 = apply_tf32(config.tf32, accelerator.device)
     placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
-    accelerator.print(describe(config, accelerator, gpu_description(accelerator.device, tf32, placement)))
+    backend = accelerator.state.backend if accelerator.num_processes > 1 else None
+    accelerator.print(describe(config, accelerator, gpu_description(accelerator.device, tf32, placement, backend)))
     train_set, val_set = placement.place(data.train), placement.place(data.val)
     train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
     resuming = config.resume is not None or restart_of_owning_launch(config.output_dir)
