@@ -7,10 +7,15 @@ equivalence with the wrapper is checked here, bit for bit, including a step skip
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from conftest import REPO, subprocess_env
 
 from toyaccel.data import TOY_X_TRAIN, TOY_Y_TRAIN
 from toyaccel.model import NeuralNetwork
@@ -59,3 +64,22 @@ def test_fp16_fast_path_steps_exactly_as_accelerates_wrapper():
                 assert torch.equal(direct_weights[name], value), name
     finally:
         release(accelerator)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu_check.sh runs for real")
+def test_gpu_check_script_runs_on_cpu_and_reports_every_skip(tmp_path):
+    """CI's run of the device check: it must work on a machine without CUDA, say why each GPU test was
+    skipped, skip the benchmark, leave its logs in $OUT and exit 0."""
+    out = tmp_path / "out"
+    env = subprocess_env({"OUT": str(out), "PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    summary = (out / "summary.txt").read_text()
+    assert "GPU tests: 0 passed, 0 failed," in summary
+    assert "skipped: test_single_gpu_reproduces_the_book: needs a CUDA GPU" in summary
+    assert "skipped: test_two_gpus_equal_one_gpu_with_double_batch: needs 2 CUDA GPUs" in summary
+    assert "benchmark, GPU rows: skipped (no CUDA GPU)" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"gpu_check: OK (logs in {out})")
+    assert {"environment.txt", "gpu_tests.log", "gpu_tests.xml", "summary.txt"} <= {p.name for p in out.iterdir()}
