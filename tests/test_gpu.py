@@ -140,7 +140,7 @@ def test_data_on_the_device_with_worker_processes_is_refused(tmp_path, capsys):
                                                       ("device", "fp16")])  # fmt: skip
 def test_training_steps_never_wait_for_the_host(tmp_path, placement, precision):
     """torch's sync debug mode reports every host synchronisation: over an epoch of 256 steps, only
-    the ~10 log lines may read the loss back (and, under fp16, the GradScaler its inf flag each step)."""
+    the log lines may read the loss back (and, under fp16, the GradScaler its inf flag each step)."""
     from test_benchmark import load_benchmark
 
     bench = load_benchmark()
@@ -153,7 +153,8 @@ def test_training_steps_never_wait_for_the_host(tmp_path, placement, precision):
         finally:
             loop.close()
     assert steps == 256
-    allowed = (steps if precision == "fp16" else 0) + 12  # ~10 log lines, and the epoch's order once
+    # 11 log lines and the epoch's order once, a few to spare; a sync per step would be 256 more.
+    allowed = (steps if precision == "fp16" else 0) + 16
     assert syncs <= allowed, f"{syncs} host synchronisations in {steps} steps"
 
 

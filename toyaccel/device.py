@@ -54,6 +54,8 @@ def choose_placement(
         raise ToyaccelError(
             "--data-placement device needs --num-workers 0: DataLoader worker processes cannot index CUDA tensors"
         )
+    if device.index is None:  # accelerate's single-GPU device is plain "cuda"; tensors report cuda:N
+        device = torch.device("cuda", torch.cuda.current_device())
     nbytes = dataset_bytes(*datasets)
     if policy == "device" or (policy == "auto" and not num_workers and fits_on_device(nbytes, device)):
         return DataPlacement(device, False, f"data on {device} ({nbytes / 2**20:.1f} MiB)")
