@@ -15,7 +15,9 @@ them all alike; CPU-time figures (in the JSON, and in brackets under "targets") 
 processes held the core. The large MLP also gets GFLOP/s against a square fp32 matrix product timed
 between the same repeats, and 1 vs 2 processes (DDP over gloo, accelerate_configs/multi_cpu.yaml; the
 launches alternate). Single-process CPU rows use one thread, like each DDP worker. With a GPU, the same
-rows on it (and DDP with multi_gpu.yaml on 2+ GPUs). Last, the time from starting
+rows on it (and DDP with multi_gpu.yaml on 2+ GPUs), except that the large MLP runs under bf16
+autocast at larger batches against a bf16 matrix product, and that the book MLP at batch 256 also
+gets per-step host synchronisations, copies to the GPU and GPU-busy time. Last, the time from starting
 `python scripts/train.py` (fresh output dir) to its first training step's log line.
 """
 
