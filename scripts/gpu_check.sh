@@ -39,8 +39,14 @@ print(count)
 EOF
 ) || { echo "gpu_check: FAILED: python, torch or accelerate missing"; exit 2; }
 
+# With a GPU and pytest-xdist (the GPU machines have it), 4 test processes share the GPU: most of the
+# tests' time is process start-up and compilation on the CPU, which has cores to spare.
+parallel=()
+if [ "$gpus" -gt 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
+    parallel=(-n 4)
+fi
 echo "== GPU tests (limit ${TEST_SECONDS}s)"
-timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+timeout "$TEST_SECONDS" "$PYTHON" -m pytest -q -rs -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py \
     --junitxml "$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
 status=$?
 [ "$status" -eq 0 ] || failed+=("GPU tests (exit $status$([ "$status" -eq 124 ] && echo ', time limit'))")
