@@ -11,6 +11,7 @@ loss (0.64503) across the rounding edge to 0.64.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -303,7 +304,9 @@ def test_fsdp_saves_resumes_and_writes_the_full_weights(tmp_path, state_dict_typ
 def accelerate_test(config: str):
     """`accelerate test --config_file accelerate_configs/<config>`: accelerate's own checks of the setup."""
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "test", "--config_file", str(CONFIGS / config)]
-    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # It starts the `accelerate-launch` command, installed beside this interpreter but maybe not on PATH.
+    env = subprocess_env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize(
