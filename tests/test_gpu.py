@@ -53,6 +53,9 @@ BOOK_SHAPES = {
 
 # GPU kernels, NCCL and the CPU sum in different orders: not bit-equal, but far closer than this.
 GPU_ATOL = 1e-5
+# Tens of SGD steps (lr 0.5) taken partly or wholly on the CPU against the GPU's: rounding differences
+# grow a little, while another data order would move the weights by far more.
+CPU_GPU_ATOL = 1e-4
 # Every logged loss of the book's run under mixed precision, against fp32's (bf16 keeps 8 bits of
 # mantissa, fp16 11; the CPU bf16 check uses the same 0.01).
 LOSS_TOLERANCE = {"bf16": 0.01, "fp16": 0.005}
@@ -125,7 +128,7 @@ def test_data_on_the_gpu_pinned_on_the_host_and_on_cpu_train_alike(tmp_path, cap
     assert logged_losses(tmp_path / "host") == logged_losses(tmp_path / "device")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     fit_here(tmp_path / "cpu", **options)
-    assert_weights_close(weights(tmp_path / "cpu"), weights(tmp_path / "device"), atol=GPU_ATOL)
+    assert_weights_close(weights(tmp_path / "cpu"), weights(tmp_path / "device"), atol=CPU_GPU_ATOL)
 
 
 @needs_gpu
@@ -190,10 +193,9 @@ def test_resume_after_sigkill_is_bit_exact_on_gpu(gpu_reference, gpu_killed, tmp
     assert logged_losses(out) == logged_losses(gpu_reference)
     # The CUDA generators were restored and moved on as in the uninterrupted run (dropout draws from them).
     last = checkpoint_dirs(gpu_reference)[0].name
-    for got, expected in zip(
-        cuda_rng_state(out / "checkpoints" / last), cuda_rng_state(gpu_reference / "checkpoints" / last), strict=True
-    ):  # noqa: E501
-        assert torch.equal(got, expected)
+    expected = cuda_rng_state(gpu_reference / "checkpoints" / last)
+    for got, want in zip(cuda_rng_state(out / "checkpoints" / last), expected, strict=True):
+        assert torch.equal(got, want)
 
 
 @needs_gpu
@@ -204,7 +206,7 @@ def test_gpu_checkpoint_resumes_on_a_cpu_machine(gpu_reference, gpu_killed, tmp_
         run_python("scripts/train.py", *RESUME_RUN, "--resume", "latest", "--output-dir", str(out), env=HIDE_GPUS)
     )
     assert "device cpu" in proc.stdout and "resumed from" in proc.stdout
-    assert_weights_close(weights(out), weights(gpu_reference), atol=GPU_ATOL)
+    assert_weights_close(weights(out), weights(gpu_reference), atol=CPU_GPU_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
