@@ -46,6 +46,16 @@ class ToyDataset(Dataset):
         return self.labels.shape[0]
 
 
+def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
+    """A dataset's tensor attributes (features and labels; token ids and window starts): what moves
+    when the dataset is kept on a GPU."""
+    return {name: value for name, value in vars(dataset).items() if isinstance(value, torch.Tensor)}
+
+
+def dataset_device(dataset) -> torch.device:
+    return next((t.device for t in dataset_tensors(dataset).values()), torch.device("cpu"))
+
+
 def keep_batch(batch):
     """``__getitems__`` already returns a collated (features, labels) batch."""
     return batch
@@ -356,7 +366,7 @@ def build_train_loader(
             f"x grad_accum {config.grad_accum}): "
             "zero training batches; lower --batch-size or --grad-accum, or use fewer processes"
         )
-    sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch, dataset.features.device)
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch, dataset_device(dataset))
     return _loader(dataset, sampler, config, pin_memory)
 
 

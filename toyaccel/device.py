@@ -6,12 +6,13 @@ keep their exact numbers.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DataLoaderConfiguration
 
-from toyaccel.data import ToyDataset
+from toyaccel.data import dataset_device, dataset_tensors
 from toyaccel.errors import ToyaccelError
 
 # Data goes onto the GPU when all of it takes at most this share of the GPU's free memory: the rest
@@ -30,20 +31,22 @@ class DataPlacement:
     pin_memory: bool  # the loaders pin host batches (data on the host, training on a GPU)
     description: str  # for the start-up line
 
-    def place(self, dataset: ToyDataset | None) -> ToyDataset | None:
-        """A copy of ``dataset`` where it should live (the CPU original is kept for fingerprints)."""
-        if dataset is None or dataset.features.device == self.device:
+    def place(self, dataset):
+        """A copy of ``dataset`` with its tensors where they should live (the CPU original is kept, for
+        fingerprints); None stays None."""
+        if dataset is None or dataset_device(dataset) == self.device:
             return dataset
-        return ToyDataset(dataset.features.to(self.device), dataset.labels.to(self.device))
+        placed = copy.copy(dataset)
+        for name, tensor in dataset_tensors(dataset).items():
+            setattr(placed, name, tensor.to(self.device))
+        return placed
 
 
-def dataset_bytes(*datasets: ToyDataset | None) -> int:
-    return sum(ds.features.nbytes + ds.labels.nbytes for ds in datasets if ds is not None)
+def dataset_bytes(*datasets) -> int:
+    return sum(t.nbytes for ds in datasets if ds is not None for t in dataset_tensors(ds).values())
 
 
-def choose_placement(
-    datasets: list[ToyDataset | None], device: torch.device, num_workers: int, policy: str = "auto"
-) -> DataPlacement:
+def choose_placement(datasets: list, device: torch.device, num_workers: int, policy: str = "auto") -> DataPlacement:
     """``policy``: auto (on the GPU when the data fits, see DEVICE_DATA_FRACTION), device or host.
 
     Only CUDA devices get either GPU path; anything else keeps the plain host loaders."""
