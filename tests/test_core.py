@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     BOOK_LOSSES,
+    REPO,
     accelerate_launch,
     assert_weights_close,
     assert_weights_equal,
@@ -201,5 +202,9 @@ def test_a_world_too_big_for_the_data_stops_at_start_up_with_what_to_change(tmp_
     assert expected in proc.stderr
     assert "lower --batch-size" in proc.stderr
     # Our processes print one line and exit 2; what follows is the launcher's own failure report.
-    assert proc.stderr.lstrip().startswith("error: the training set") and "toyaccel/" not in proc.stderr
+    assert proc.stderr.lstrip().startswith("error: the training set")
+    assert f'File "{REPO / "toyaccel"}' not in proc.stderr  # no traceback through toyaccel, wherever it was cloned
+    # ...whose root-cause section, the last thing on the screen, repeats the line (not a link to the docs).
+    root_cause = proc.stderr.rpartition("Root Cause")[2]
+    assert f"traceback : {expected}" in root_cause and "To enable traceback" not in root_cause
     assert not (tmp_path / "run").exists()

@@ -13,19 +13,29 @@ steps 3, 6, 9, ... and at each epoch end; a log line every 2 steps (and at each 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import (
+    CONFIGS,
+    REPO,
+    TRAIN_SCRIPT,
     accelerate_launch,
     assert_weights_close,
     assert_weights_equal,
     check_ok,
+    free_port,
     read_jsonl,
     run_python,
+    subprocess_env,
     weights,
 )
 
@@ -59,6 +69,94 @@ def train_killed(out: Path, fault: str, *args: str) -> Path:
 
 def launch_two(out: Path, *args: str, **kwargs):
     return accelerate_launch("multi_cpu.yaml", *RUN, *TWO_PROCESSES, "--output-dir", str(out), *args, **kwargs)
+
+
+def signalled_mid_epoch(cmd: list[str], sig: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, as a terminal or a scheduler starts a job; when it reports
+    (TOYACCEL_FAULT=stall:8) that it has trained step 8 of 12 in epoch 1, send ``sig`` to its whole
+    process group, and the same signal again shortly after (a second Ctrl-C, or a scheduler's repeat)."""
+    env = subprocess_env({"TOYACCEL_FAULT": "stall:8", **(env or {})})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("stalled after step 8"):
+            os.killpg(proc.pid, sig)
+            time.sleep(0.2)
+            os.killpg(proc.pid, sig)
+            break
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(seen) + stderr)
+
+
+def interrupted_one(out: Path):
+    """One process, started as `toyaccel-train` is (no launcher in between), and SIGINT (Ctrl-C)."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), *RUN, *ONE_PROCESS, "--output-dir", str(out), "--keep-last", "0"]
+    return signalled_mid_epoch(cmd, signal.SIGINT)
+
+
+def interrupted_two_then_resumed(out: Path) -> dict:
+    """Two processes under `accelerate launch` and SIGTERM (a scheduler); then `--resume latest`.
+    torchrun's launch (elastic_cpu.yaml): mpirun (multi_cpu.yaml) SIGKILLs its ranks too soon to save."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "elastic_cpu.yaml")]
+    cmd += ["--main_process_port", str(free_port()), str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES]
+    cmd += ["--output-dir", str(out), "--checkpoint-every", "0"]  # the interrupt checkpoints anyway
+    stopped = signalled_mid_epoch(cmd, signal.SIGTERM)
+    left = {"checkpoints": step_names(out), "model": (out / "model.safetensors").exists()}
+    resumed = launch_two(out, "--checkpoint-every", "0", "--resume", "latest")
+    return {"stopped": stopped, "left": left, "resumed": resumed}
+
+
+def elastic_two_machines(root: Path) -> dict:
+    """The fault-tolerant launch (elastic_cpu.yaml) on two "machines": one `accelerate launch` each,
+    one process each, hostnames machine0 and machine1 as toyaccel sees them, one c10d world. Machine
+    1's process is killed at step 8; both machines restart their workers, and after the restart the
+    main process may sit on either machine (c10d hands out ranks in arrival order). The machine whose
+    worker was merely stopped restarts it with TORCHELASTIC_RESTART_COUNT unchanged (0)."""
+    port, out = free_port(), root / "run"
+    root.mkdir()
+    env = subprocess_env(ELASTIC_ENV)
+    env.pop("PET_RDZV_ENDPOINT")  # the machines meet at --main_process_ip:--main_process_port
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "elastic_cpu.yaml")]
+    cmd += ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    cmd += ["--main_process_port", str(port), *ELASTIC_FLAGS]
+    cmd += [str(TRAIN_SCRIPT), "--no-progress", *RUN, *TWO_PROCESSES, "--output-dir", str(out)]
+    machines = {}
+    for rank in (0, 1):
+        machine_env = {**env, "TOYACCEL_HOSTNAME_FOR_TESTS": f"machine{rank}"}
+        if rank == 1:
+            machine_env["TOYACCEL_FAULT"] = "step:8"
+        with open(root / f"machine{rank}.log", "w") as log:
+            machines[rank] = subprocess.Popen(
+                [*cmd[:5], "--machine_rank", str(rank), *cmd[5:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env=machine_env,
+            )  # fmt: skip
+        # The first machine to arrive hosts the rendezvous; accelerate refuses machine 0 a port in use.
+        wait_for_port(port, machines[0])
+    try:
+        codes = {rank: machine.wait(timeout=240) for rank, machine in machines.items()}
+    finally:
+        for machine in machines.values():
+            if machine.poll() is None:  # one machine hung waiting for the other
+                machine.kill()
+    logs = {rank: (root / f"machine{rank}.log").read_text() for rank in machines}
+    return {"out": out, "codes": codes, "logs": logs}
+
+
+def wait_for_port(port: int, server: subprocess.Popen) -> None:
+    for _ in range(1200):
+        if server.poll() is not None:
+            return
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def logged(run: Path) -> list[tuple]:
@@ -102,14 +200,6 @@ def crash_in_checkpoint_then_resume_ddp(out: Path) -> dict:
     return {"crashed": crashed, "left": left, "resumed": launch_two(out, "--resume", "latest")}
 
 
-def elastic_run(out: Path):
-    """Rank 1 is killed at step 8; torchrun restarts both workers, which resume by themselves."""
-    return accelerate_launch(
-        "elastic_cpu.yaml", *RUN, *TWO_PROCESSES, "--output-dir", str(out),
-        launch_args=ELASTIC_FLAGS, env={**ELASTIC_ENV, "TOYACCEL_FAULT": "step:8", "TOYACCEL_FAULT_RANK": "1"},
-    )  # fmt: skip
-
-
 def continue_on_two(crashed: Future, out: Path):
     """Two processes x batch 1 finish what one process x batch 2 started."""
     shutil.copytree(crashed.result(), out)
@@ -124,7 +214,9 @@ def background(tmp_path_factory):
             "crashed_at_step_5": pool.submit(train_killed, root / "crashed", "step:5", "--keep-last", "2"),
             "reference_ddp": pool.submit(launch_two, root / "reference_ddp"),
             "ddp": pool.submit(crash_in_checkpoint_then_resume_ddp, root / "ddp"),
-            "elastic": pool.submit(elastic_run, root / "elastic"),
+            "interrupted_one": pool.submit(interrupted_one, root / "interrupted_one"),
+            "interrupted_two": pool.submit(interrupted_two_then_resumed, root / "interrupted_two"),
+            "two_machines": pool.submit(elastic_two_machines, root / "two_machines"),
         }
         jobs["two_continue_one"] = pool.submit(continue_on_two, jobs["crashed_at_step_5"], root / "two_continue_one")
         yield root, jobs
@@ -182,17 +274,6 @@ def test_two_process_crash_while_writing_a_checkpoint_then_resume_is_bitwise_equ
     assert logged(run) == logged(reference_ddp)
     # checkpoint 9 was written again, whole, and later pruned by the default --keep-last 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_18", "step_21", "step_24"]
-
-
-def test_elastic_launch_survives_a_killed_worker(reference_ddp, background):
-    root, jobs = background
-    run = root / "elastic"
-    proc = check_ok(jobs["elastic"].result())
-    # one restart: the fault fires only in the first attempt (TORCHELASTIC_RESTART_COUNT=0)
-    assert proc.stdout.count("resumed from") == 1
-    assert f"resumed from {run / 'checkpoints' / 'step_6'} at epoch 1/2, step 6" in proc.stdout
-    assert_weights_equal(weights(run), weights(reference_ddp))
-    assert logged(run) == logged(reference_ddp)
 
 
 def test_two_processes_continue_a_one_process_run(reference, background):
@@ -315,6 +396,116 @@ def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tm
         launch_args=("--max_restarts", "1", *ELASTIC_FLAGS[2:]), env=ELASTIC_ENV,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert proc.stderr.count("already holds a run") == 2  # the first attempt and the restart
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 2 and "already holds a run" in refusals[0]  # the first attempt and the restart
     assert "resumed from" not in proc.stdout
     assert snapshot(tmp_path / "other") == before
+
+
+def test_elastic_launch_on_two_machines_survives_a_killed_worker(reference_ddp, background):
+    """Where to resume is decided once, on the main process, whichever machine it is on, and sent
+    to every process: both machines continue from step 6 and end with the uninterrupted weights."""
+    job = background[1]["two_machines"].result()
+    logs = "".join(job["logs"].values())
+    assert job["codes"] == {0: 0, 1: 0}, "\n".join(log[-3000:] for log in job["logs"].values())
+    # accelerator.print speaks once per machine; one restart: the fault fires only in the first attempt
+    assert logs.count(f"resumed from {job['out'] / 'checkpoints' / 'step_6'} at epoch 1/2, step 6") == 2
+    assert logs.count("resumed from") == 2 and "already holds a run" not in logs
+    assert_weights_equal(weights(job["out"]), weights(reference_ddp))
+    assert logged(job["out"]) == logged(reference_ddp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupts: a signal mid-epoch stops every process after the same step, with a checkpoint
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference, capsys):
+    """SIGINT twice to the process group after step 8 of 12 (and no checkpoint due there): the run
+    stops after step 8, saves it, says where and how to continue, and exits 130 without a traceback."""
+    root, jobs = background
+    run, proc = root / "interrupted_one", jobs["interrupted_one"].result()
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step_8"
+    line = (
+        f"interrupted by SIGINT: saved checkpoint {checkpoint} (epoch 1/2, step 8); "
+        "to continue, run the same command with --resume latest"
+    )
+    assert proc.stdout.splitlines()[-1] == line
+    assert "Traceback" not in proc.stderr and "interrupted" not in proc.stderr
+    assert step_names(run) == ["step_8", "step_6", "step_3"]
+    assert verify_checkpoint(checkpoint).step_in_epoch == 8
+    assert not (run / "model.safetensors").exists()
+
+    capsys.readouterr()
+    assert train_here(run, "--keep-last", "0", "--resume", "latest") == 0
+
+    assert f"resumed from {checkpoint} at epoch 1/2, step 8" in capsys.readouterr().out
+    assert_weights_equal(weights(run), weights(reference))
+    assert logged(run) == logged(reference)  # step 8 ends a log window in both
+
+
+def test_sigterm_to_two_processes_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference_ddp):
+    """SIGTERM to `accelerate launch`'s process group: both workers stop after the same step (within
+    about 0.1 s of the signal, when they next agree) and save it, with --checkpoint-every 0.
+    What the user sees: toyaccel's line once, then torchrun's agent reports the signal it got itself
+    (its own traceback, not toyaccel's) and `accelerate launch` exits 1."""
+    root, jobs = background
+    run, job = root / "interrupted_two", jobs["interrupted_two"].result()
+    stopped = job["stopped"]
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stdout.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, stopped.stdout
+    assert lines[0].startswith(f"interrupted by SIGTERM: saved checkpoint {run / 'checkpoints' / 'step_'}")
+    assert str(REPO / "toyaccel") not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+    checkpoint = job["left"]["checkpoints"][0]  # the interrupt's, and epoch 1's if it stopped in epoch 2
+    stopped_at = int(checkpoint.removeprefix("step_"))
+    assert stopped_at >= 8 and job["left"]["checkpoints"] == [checkpoint] + (["step_12"] if stopped_at > 12 else [])
+    assert not job["left"]["model"]
+
+    check_ok(job["resumed"])
+    assert f"resumed from {run / 'checkpoints' / checkpoint} at epoch " in job["resumed"].stdout
+    assert_weights_equal(weights(run), weights(reference_ddp))
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # every log line once, in order
+
+
+# ---------------------------------------------------------------------------------------------
+# Timelines: resuming from an older checkpoint abandons the later ones
+
+
+def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(reference, tmp_path, capsys):
+    """The sequence of issue 10: every checkpoint kept up to step 24; resumed from step 6 with
+    --keep-last 1; killed at step 10. The new step 9 survives, --resume latest continues this
+    timeline, and the old run's later checkpoints are set aside, never chosen."""
+    run = copy_run(reference, tmp_path / "run")
+    old = {name: snapshot(run / "checkpoints" / name) for name in step_names(run) if int(name[5:]) > 6}
+    train_killed(run, "step:10", "--keep-last", "1", "--resume", str(run / "checkpoints" / "step_6"))
+
+    assert step_names(run) == ["step_9"]
+    [aside] = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert {p.name: snapshot(p) for p in aside.iterdir()} == old  # moved whole, not chosen, not deleted
+
+    capsys.readouterr()
+    assert train_here(run, "--keep-last", "1", "--resume", "auto") == 0
+
+    assert f"resumed from {run / 'checkpoints' / 'step_9'} at epoch 1/2, step 9" in capsys.readouterr().out
+    assert_weights_equal(weights(run), weights(reference))
+    assert step_names(run) == ["step_24"]
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_refuses_another_run(reference, tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert train_here(fresh, "--resume", "auto") == 0
+    assert_weights_equal(weights(fresh), weights(reference))
+    # A folder holding a run with other settings and no checkpoint is refused, as without --resume.
+    other = run_with_checkpoints(reference, tmp_path / "other", ())
+    error = assert_refused(other, capsys, "--lr", "0.1", "--resume", "auto")
+    assert "already holds a run" in error
+
+
+def test_resume_latest_without_a_checkpoint_writes_nothing(tmp_path, capsys):
+    capsys.readouterr()
+    assert train_here(tmp_path / "missing", "--resume", "latest") == 2
+    expected = f"error: --resume latest: no complete checkpoint in {tmp_path / 'missing' / 'checkpoints'}\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "missing").exists()

@@ -9,12 +9,15 @@ size and SHA-256 of every file, written last).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
-from toyaccel.outputs import write_json
+from toyaccel.outputs import read_run_config, respect_umask, write_json
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"
@@ -110,20 +113,25 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
         # Every process holds the same global RNG state (same seed, same draws), so one copy serves
         # any number of processes on resume, including a different number.
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": _manifest(tmp)})
+        write_manifest(tmp, state)
         _move_into_place(tmp, final)
         if keep_last:
+            # The newest of this timeline: a resumed run has set aside any later ones (set_aside_abandoned).
             for old in checkpoint_dirs(output_dir)[keep_last:]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file, those in sub-folders too: FSDP's sharded state dicts are
-    folders (pytorch_model_fsdp_0/, optimizer_0/)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)} for p in files}
+def write_manifest(folder: Path, state: TrainerState) -> None:
+    """Write ``trainer_state.json``: the state and the size and SHA-256 of every file under ``folder``,
+    sub-folders included (FSDP's SHARDED_STATE_DICT saves each model and optimizer as a folder)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        respect_umask(path)
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path, sync=True)}
+    write_json(folder / STATE_FILE, {**dataclasses.asdict(state), "files": files})
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -175,25 +183,83 @@ def _read_state(state_file: Path) -> tuple[TrainerState, dict[str, tuple[int, st
         raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
 
 
-def find_resume_checkpoint(output_dir: str, resume: str, say=print) -> tuple[Path, TrainerState]:
-    """``resume`` is 'latest' (the newest checkpoint that verifies) or a checkpoint folder; returns
-    the folder and its verified state (hashing a large checkpoint once is enough)."""
-    if resume != "latest":
-        return Path(resume), verify_checkpoint(resume)
+@dataclass
+class ResumePlan:
+    """Where a run starts: decided once, on the main process, and sent to every process, so that no
+    process decides alone (another hostname, or a file system that caches listings, would differ)."""
+
+    resuming: bool = False  # the output folder holds this run: carry on in it, keeping its log up to the start
+    checkpoint: str | None = None  # the verified checkpoint to load; None: start at step 0
+    state: dict[str, Any] | None = None  # its TrainerState, as a dict
+
+    def trainer_state(self) -> TrainerState | None:
+        return TrainerState(**self.state) if self.state is not None else None
+
+
+def plan_resume(output_dir: str, resume: str | None, expected: TrainerState, restarted: bool, say=print) -> ResumePlan:
+    """Decide where to start. ``resume``: None, 'latest', 'auto' or a checkpoint folder; ``restarted``:
+    this is an elastic restart of the launch that owns ``output_dir``; ``expected``: this run's state
+    at step 0, which a checkpoint must match. Raises ToyaccelError before anything is written."""
+    if resume not in (None, "latest", "auto"):
+        path, state = Path(resume), verify_checkpoint(resume)
+    elif resume or restarted:
+        found = newest_complete_checkpoint(output_dir, say)
+        if found is None:
+            if resume == "latest":
+                raise ToyaccelError(f"--resume latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
+            # An elastic restart or a requeued job before its first checkpoint starts over in its folder;
+            # --resume auto still refuses a folder that holds another run.
+            return ResumePlan(resuming=restarted or same_run_in(output_dir, expected))
+        path, state = found
+    else:
+        return ResumePlan()
+    diffs = state.differences(expected)
+    if diffs:
+        raise ToyaccelError(f"{path / STATE_FILE}: cannot resume, this run differs from it: {'; '.join(diffs)}")
+    return ResumePlan(resuming=True, checkpoint=str(path), state=dataclasses.asdict(state))
+
+
+def newest_complete_checkpoint(output_dir: str, say=print) -> tuple[Path, TrainerState] | None:
+    """The newest checkpoint that verifies, and its state (hashing a large checkpoint once is enough)."""
     for candidate in checkpoint_dirs(output_dir):
         try:
             return candidate, verify_checkpoint(candidate)
         except ToyaccelError as e:
             say(f"skipping checkpoint {candidate.name}: {e}")
-    raise ToyaccelError(f"--resume latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
+    return None
+
+
+def same_run_in(output_dir: str, expected: TrainerState) -> bool:
+    """Whether ``output_dir`` holds a run with the same training settings (its config.json)."""
+    try:
+        saved = read_run_config(output_dir)["config"]
+        return {name: saved.get(name) for name in expected.training} == expected.training
+    except (ToyaccelError, KeyError, TypeError):
+        return False
+
+
+def set_aside_abandoned(output_dir: str, start_step: int) -> Path | None:
+    """Move the checkpoints after ``start_step`` (the future of an older timeline, which this run
+    abandons by starting there) into ``checkpoints/abandoned-<time>/``, so that neither --resume
+    latest nor --keep-last ever counts them. Returns that folder, if anything was moved."""
+    later = [p for p in checkpoint_dirs(output_dir) if int(STEP_DIR.match(p.name).group(1)) > start_step]
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for n in itertools.count(1):
+        aside = later[0].parent / (f"abandoned-{stamp}" if n == 1 else f"abandoned-{stamp}-{n}")
+        with contextlib.suppress(FileExistsError):
+            aside.mkdir()
+            break
+    for path in later:
+        os.replace(path, aside / path.name)
+    _fsync_dir(aside.parent)
+    return aside
 
 
 def load_checkpoint(accelerator, path: Path, state: TrainerState, expected: TrainerState) -> TrainerState:
-    """Restore model, optimizer and RNG from the verified checkpoint ``path`` (whose state is ``state``);
-    refuse a checkpoint of a different run."""
-    diffs = state.differences(expected)
-    if diffs:
-        raise ToyaccelError(f"{path / STATE_FILE}: cannot resume, this run differs from it: {'; '.join(diffs)}")
+    """Restore model, optimizer and RNG from the verified checkpoint ``path`` (whose state is ``state``,
+    checked against this run's ``expected`` state by ``plan_resume``)."""
     try:
         accelerator.load_state(str(path))
         torch.set_rng_state(load_file(str(path / RNG_FILE))["torch"])

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from toyaccel.config import TrainConfig, build_config, read_config_file
-from toyaccel.errors import ToyaccelError
+from toyaccel.errors import Interrupted, ToyaccelError
+from toyaccel.launch import launched_rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +71,8 @@ def run_cli(main: Callable[[], Any]) -> int:
     try:
         main()
     except ToyaccelError as e:
-        if os.environ.get("RANK", "0") != "0":
+        tell_the_launcher(f"error: {e}")
+        if launched_rank() != 0:
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
             time.sleep(10)
@@ -75,10 +80,23 @@ def run_cli(main: Callable[[], Any]) -> int:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except Interrupted as e:
+        return e.exit_code  # the training loop saved a checkpoint, and its main process said where
+    except KeyboardInterrupt:  # Ctrl-C before training started: said once, not by every process
+        if launched_rank() == 0:
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def tell_the_launcher(line: str) -> None:
+    """torchrun's failure report ends with its root cause's error file (torch.distributed.elastic.
+    multiprocessing.errors); without one it says "To enable traceback see: <a link>". A plain message
+    there is shown as it is, so the last thing a user reads is what to change."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -117,7 +135,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
         args = parser.parse_args(argv)
         metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size)
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print(format_evaluation(metrics), flush=True)
 
     return run_cli(main)

@@ -60,7 +60,9 @@ class TrainConfig:
     # --- outputs ------------------------------------------------------------------------------
     output_dir: str = _opt("runs/toy", "where model, config, results, metrics and checkpoints go")
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
-    resume: str | None = _opt(None, "'latest' or a checkpoint folder to continue from")
+    resume: str | None = _opt(
+        None, "'latest' (newest complete checkpoint), 'auto' (latest if any, else start) or a checkpoint folder"
+    )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
     keep_last: int = _opt(3, "keep only the newest K checkpoints (0 = keep all)")
     log_every: int = _opt(0, "log every N optimizer steps (0 = about ten lines per epoch)")

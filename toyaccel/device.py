@@ -10,7 +10,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DataLoaderConfiguration
 
 from toyaccel.data import dataset_device, dataset_tensors
 from toyaccel.errors import ToyaccelError
@@ -70,10 +69,12 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     return nbytes <= DEVICE_DATA_FRACTION * free
 
 
-def dataloader_configuration() -> DataLoaderConfiguration:
+def dataloader_configuration():
     """Batches copied to the GPU with non_blocking=True: from pinned memory the copy overlaps the
     previous step instead of making the CPU wait for it. On CPU, and for data already on the GPU,
     there is no copy and this changes nothing."""
+    from accelerate.utils import DataLoaderConfiguration  # slow to import: only when building one
+
     return DataLoaderConfiguration(non_blocking=True)
 
 

@@ -1,4 +1,4 @@
-"""The one error type toyaccel raises for anything a user can fix."""
+"""The one error type toyaccel raises for anything a user can fix, and the exception of a run stopped by a signal."""
 
 
 class ToyaccelError(Exception):
@@ -9,3 +9,14 @@ class ToyaccelError(Exception):
     """
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on a signal (Ctrl-C, or a scheduler's SIGTERM or SIGUSR1) after saving a
+    checkpoint. A KeyboardInterrupt, so code that catches Ctrl-C around ``fit`` (a notebook) still
+    does; the command line exits with 128 + the signal number, the shell's convention."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

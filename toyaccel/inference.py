@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from toyaccel.config import TrainConfig, build_config
 from toyaccel.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data, read_csv_columns
 from toyaccel.errors import ToyaccelError
+from toyaccel.launch import build_accelerator, check_world, launched_world_size
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
 
@@ -127,7 +127,7 @@ def evaluate_run(
     run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import build_accelerator, check_world, release  # accelerate is slow to import
+    from toyaccel.training import release  # accelerate is slow to import
 
     config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
     # Bad input fails here, on every process, before any process waits for another.
@@ -178,7 +178,7 @@ def class_probabilities(model: NeuralNetwork, features: torch.Tensor) -> torch.T
 
 def predict_file(run_dir: str | Path, data: str, output: str | Path, overwrite: bool = False) -> int:
     """Write ``predicted,prob_0,...`` for every data row of ``data`` to ``output``; return the row count."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ToyaccelError(
             "predict runs in one process: start it with python or toyaccel-predict, not a multi-process launch"
         )

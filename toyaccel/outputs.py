@@ -28,7 +28,28 @@ def write_atomic(path: Path, write) -> None:
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    respect_umask(tmp)
     os.replace(tmp, path)
+
+
+def respect_umask(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would have: safetensors creates its files 0600
+    whatever the umask, and on a shared cluster nobody else could read the model."""
+    wanted = 0o666 & ~_umask()
+    if Path(path).stat().st_mode & 0o777 != wanted:
+        os.chmod(path, wanted)
+
+
+def _umask() -> int:
+    try:  # Linux tells it without changing it (os.umask can only read it by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,27 +89,39 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def claim_for_this_launch(output_dir: str) -> None:
-    """Mark the folder as this launch's, once the run in it has started (or resumed) for real."""
-    (Path(output_dir) / LAUNCH_FILE).write_text(launch_id())
+def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:
+    """Mark the folder as this launch's, once the run in it has started (or resumed) for real.
+    ``launch_ids``: every process's ``launch_id()``; on several machines they differ, and after an
+    elastic restart any machine may hold the main process."""
+    (Path(output_dir) / LAUNCH_FILE).write_text("".join(f"{i}\n" for i in sorted(set(launch_ids))))
 
 
 def launch_id() -> str:
-    """The same in every attempt of one elastic launch, different for the next launch: the workers'
-    parent is the launcher's agent, which lives across restarts (TORCHELASTIC_RUN_ID is 'none')."""
-    return f"{socket.gethostname()}:{os.getppid()}"
+    """The same in every attempt of one elastic launch on this machine, different for the next launch:
+    the workers' parent is the launcher's agent, which lives across restarts (TORCHELASTIC_RUN_ID is
+    'none'); its start time tells it from a later process that got the same pid.
+    TOYACCEL_HOSTNAME_FOR_TESTS stands in for the hostname, so that one host can play two machines."""
+    hostname = os.environ.get("TOYACCEL_HOSTNAME_FOR_TESTS") or socket.gethostname()
+    try:  # field 22 of /proc/PID/stat: the start time; the name before it (in parentheses) may hold spaces
+        started = Path(f"/proc/{os.getppid()}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{hostname}:{os.getppid()}:{started}"
 
 
 def restart_of_owning_launch(output_dir: str) -> bool:
-    """True in a restarted attempt of the launch that claimed this folder.
+    """True in a restarted attempt of the elastic launch that claimed this folder (asked on the main
+    process, which after a restart may be on any of its machines).
 
     torchrun restarts workers after any failure, a refused output folder included: only the launch
-    that owns the folder may carry on in it, or a restart would slip past the guard above.
+    that owns the folder may carry on in it, or a restart would slip past the guard above. Not
+    TORCHELASTIC_RESTART_COUNT > 0: a machine whose workers were stopped because another machine's
+    failed restarts them with the count unchanged.
     """
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return False
     try:
-        return (Path(output_dir) / LAUNCH_FILE).read_text() == launch_id()
+        return launch_id() in (Path(output_dir) / LAUNCH_FILE).read_text().splitlines()
     except OSError:
         return False
 

@@ -11,27 +11,38 @@ import contextlib
 import dataclasses
 import gc
 import math
-import os
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
-from toyaccel.checkpoint import TrainerState, checkpoint_dirs, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from toyaccel.checkpoint import (
+    ResumePlan,
+    TrainerState,
+    load_checkpoint,
+    plan_resume,
+    save_checkpoint,
+    set_aside_abandoned,
+)
 from toyaccel.config import TrainConfig
 from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, draw_epoch_seed, load_data
-from toyaccel.device import apply_tf32, choose_placement, dataloader_configuration, gpu_description
-from toyaccel.errors import ToyaccelError
-from toyaccel.faults import maybe_inject_fault
+from toyaccel.device import apply_tf32, choose_placement, gpu_description
+from toyaccel.errors import Interrupted, ToyaccelError
+from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
+from toyaccel.interrupts import StopRequests
+from toyaccel.launch import build_accelerator, check_world
 from toyaccel.metrics import MetricsLogger
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import (
     claim_for_this_launch,
+    launch_id,
     prepare_output_dir,
     restart_of_owning_launch,
     save_weights,
@@ -70,13 +81,16 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
     data = load_data(config)  # bad input fails here, on every process, before anything is written
     accelerator = build_accelerator(config)
-    try:
-        return train(accelerator, config, data)
-    finally:
-        release(accelerator)
+    # From here on a stop signal is only noted, until the process is ready to exit: the training
+    # loop turns it into a checkpoint, and a second one cannot cut that (or the teardown) short.
+    with StopRequests() as stops:
+        try:
+            return train(accelerator, config, data, stops)
+        finally:
+            release(accelerator)
 
 
-def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> RunResult:
+def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle, stops: StopRequests) -> RunResult:
     check_world(accelerator)
     tf32 = apply_tf32(config.tf32, accelerator.device)
     placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
@@ -84,8 +98,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     accelerator.print(describe(config, accelerator, gpu_description(accelerator.device, tf32, placement, backend)))
     train_set, val_set = placement.place(data.train), placement.place(data.val)
     train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
-    resuming = config.resume is not None or restart_of_owning_launch(config.output_dir)
-    on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, resuming)
+    fresh = fresh_state(accelerator, config, data, train_loader.batch_sampler.global_batch)
+    plan = on_main_process(accelerator, decide_resume, config, fresh, accelerator.print)
+    on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
@@ -101,11 +116,13 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     )
     eval_loaders = dict(zip(eval_loaders, prepared))
 
-    state = start_or_resume(accelerator, config, data, sampler.global_batch, resuming)
+    state = start_or_resume(accelerator, config, plan, fresh)
+    launch_ids = gather_object([launch_id()])
     if accelerator.is_main_process:
         write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
-        claim_for_this_launch(config.output_dir)
-    resume_step = state.global_step if resuming else None
+        claim_for_this_launch(config.output_dir, launch_ids)
+        report_abandoned(accelerator, set_aside_abandoned(config.output_dir, state.global_step), state.global_step)
+    resume_step = state.global_step if plan.resuming else None
     logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
     log_every = config.log_every or max(1, sampler.steps_per_epoch // 10)
     final_loss, train_seconds, samples_trained = None, 0.0, 0
@@ -113,7 +130,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
 
     for _ in range(state.epoch, config.epochs):
         started, first_step = time.perf_counter(), state.global_step
-        loss = train_one_epoch(accelerator, model, optimizer, train_loader, sampler, state, config, logger, log_every)
+        loss = train_one_epoch(
+            accelerator, model, optimizer, train_loader, sampler, state, config, logger, log_every, stops
+        )
         final_loss = loss if loss is not None else final_loss
         train_seconds += time.perf_counter() - started
         samples_trained += (state.global_step - first_step) * state.global_batch
@@ -143,10 +162,16 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle) -> Ru
     return result
 
 
-def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, config, logger, log_every) -> float | None:
-    """Train on this epoch's batches (the rest of them when resuming); return the last logged loss."""
+def train_one_epoch(
+    accelerator, model, optimizer, loader, sampler, state, config, logger, log_every, stops=None
+) -> float | None:
+    """Train on this epoch's batches (the rest of them when resuming); return the last logged loss.
+    On a stop signal (``stops``), checkpoint after the step all processes agree on and raise Interrupted."""
+    stops = stops or StopRequests()
     if state.epoch_seed is None:
+        maybe_drift_rng(accelerator.process_index)
         state.epoch_seed = draw_epoch_seed()
+    check_processes_agree(accelerator, state)
     sampler.start_epoch(state.epoch_seed, state.samples_in_epoch)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
@@ -180,10 +205,13 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
             stepper.zero_grad(set_to_none=True)
         state.finish_step()
         logger.advance()
+        maybe_stall(state.global_step, accelerator.process_index, lambda: stops.signum)
+        stop_signal = stops.agreed(accelerator)
         # The last step of an epoch is checkpointed after the epoch's evaluation instead.
         checkpoint_due = config.checkpoint_every and state.global_step % config.checkpoint_every == 0
         # A log window must not straddle a checkpoint: a resumed run has lost the losses before it.
-        if state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch or checkpoint_due:
+        window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch
+        if window_ends or checkpoint_due or stop_signal:
             # The mean over processes and over the steps since the last log line.
             last_loss = accelerator.reduce(window_loss, "mean").item() / window_micro_steps
             seconds = time.perf_counter() - window_start
@@ -194,9 +222,11 @@ def train_one_epoch(accelerator, model, optimizer, loader, sampler, state, confi
             window_loss.zero_()
             window_micro_steps, window_start = 0, time.perf_counter()
         maybe_inject_fault("step", state.global_step, accelerator.process_index)
-        if checkpoint_due and state.step_in_epoch < steps_per_epoch:
-            save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
+        if stop_signal or (checkpoint_due and state.step_in_epoch < steps_per_epoch):
+            path = save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
             window_start = time.perf_counter()
+        if stop_signal:
+            raise interrupted(accelerator, stop_signal, path, state, config.epochs)
     logger.end_epoch()
     return last_loss
 
@@ -297,76 +327,84 @@ class DirectStepper:
 # Setting up, resuming, finishing
 
 
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
-    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    try:
-        accelerator = Accelerator(
-            cpu=multi_process and not torch.cuda.is_available(),
-            dataloader_config=dataloader_configuration(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.grad_accum,
-            dynamo_backend="inductor" if config.compile else None,
-            log_with=config.log_with,
-            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-        )
-    except (ValueError, ImportError, RuntimeError) as e:
-        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
-    return accelerator
-
-
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse setups that would run, but not as asked."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise ToyaccelError(
-            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
-        )
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
-        raise ToyaccelError(
-            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
-        )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
-        )
-
-
-def on_main_process(accelerator: Accelerator, fn, *args) -> None:
-    """Run ``fn`` on the main process only and raise its error on every process, so none waits forever."""
-    message = None
+def on_main_process(accelerator: Accelerator, fn, *args):
+    """Run ``fn`` on the main process only and return its result on every process; its error is
+    raised on every process, so none waits forever."""
+    message, result = None, None
     if accelerator.is_main_process:
         try:
-            fn(*args)
+            result = fn(*args)
         except ToyaccelError as e:
             message = str(e)
-    [message] = broadcast_object_list([message])
+    message, result = broadcast_object_list([message, result])
     if message:
         raise ToyaccelError(message)
+    return result
 
 
-def start_or_resume(
-    accelerator, config: TrainConfig, data: DataBundle, global_batch: int, resuming: bool
-) -> TrainerState:
-    state = TrainerState(
+def fresh_state(accelerator, config: TrainConfig, data: DataBundle, global_batch: int) -> TrainerState:
+    """This run's state at step 0: what a checkpoint must match to be resumed."""
+    return TrainerState(
         global_batch=global_batch,
         world_size=accelerator.num_processes,
         training=config.training_dict(),
         model_shape=model_shape(config, data),
         data_fingerprint=data.fingerprint(),
     )
-    if not resuming or (config.resume is None and not checkpoint_dirs(config.output_dir)):
-        return state  # an elastic restart before the first checkpoint starts over
-    path, saved = find_resume_checkpoint(config.output_dir, config.resume or "latest", say=accelerator.print)
-    state = load_checkpoint(accelerator, path, saved, expected=state)
+
+
+def decide_resume(config: TrainConfig, fresh: TrainerState, say) -> ResumePlan:
+    """On the main process only (see on_main_process): every process then follows the same plan."""
+    restarted = config.resume is None and restart_of_owning_launch(config.output_dir)
+    return plan_resume(config.output_dir, config.resume, fresh, restarted, say)
+
+
+def start_or_resume(accelerator, config: TrainConfig, plan: ResumePlan, fresh: TrainerState) -> TrainerState:
+    if plan.checkpoint is None:
+        return fresh
+    path = Path(plan.checkpoint)
+    state = load_checkpoint(accelerator, path, plan.trainer_state(), expected=fresh)
     where = f"epoch {state.epoch + 1}/{config.epochs}" if state.epoch < config.epochs else "the end of training"
     accelerator.print(f"resumed from {path} at {where}, step {state.global_step}")
     return state
+
+
+def report_abandoned(accelerator, aside: Path | None, start_step: int) -> None:
+    if aside is not None:
+        accelerator.print(
+            f"moved the checkpoints after step {start_step}, from the run this one replaces, to {aside} "
+            "(never resumed from; delete them when you no longer need them)"
+        )
+
+
+def check_processes_agree(accelerator, state: TrainerState) -> None:
+    """Stop every process, in one line, if they do not all stand at the same point of the same run:
+    a process that resumed elsewhere, read other data, or whose random stream drifted (the data
+    order is drawn from it) would otherwise train silently wrong, or hang in a collective."""
+    if accelerator.num_processes == 1:
+        return
+    mine = {"global step": state.global_step, "epoch seed": state.epoch_seed}
+    mine["data fingerprint"] = state.data_fingerprint
+    everyone = gather_object([mine])
+    for rank, theirs in enumerate(everyone):
+        for name, value in theirs.items():
+            if value != everyone[0][name]:
+                raise ToyaccelError(
+                    f"rank {rank} disagrees with rank 0 on the {name} at the start of epoch {state.epoch + 1} "
+                    f"({value} against {everyone[0][name]}): the processes are not running the same training; "
+                    "check that every machine sees the same --output-dir and data"
+                )
+
+
+def interrupted(accelerator, signum: int, path: Path, state: TrainerState, epochs: int) -> Interrupted:
+    """The one line a stopped run prints (on the main process) and the exception that ends it."""
+    name = signal.Signals(signum).name
+    message = (
+        f"interrupted by {name}: saved checkpoint {path} (epoch {state.epoch + 1}/{epochs}, step {state.global_step}); "
+        "to continue, run the same command with --resume latest"
+    )
+    accelerator.print(message)
+    return Interrupted(signum, message)
 
 
 def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:

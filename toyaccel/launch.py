@@ -1,0 +1,197 @@
+"""How this process was launched: the world it belongs to, and launches that would not train as asked.
+
+Accelerate 1.15 has launches that run, but not as asked, and say nothing:
+- without an MPI hostfile, `accelerate launch --num_processes N` (with or without `--cpu`) and a
+  `distributed_type: MULTI_CPU` config take the simple launcher, which starts ONE process;
+- under torchrun on a machine without CUDA, `Accelerator()` gives N processes that each train alone;
+- an MPI launch with `MASTER_PORT=0` has every rank wait for a port only rank 0 knows (a hang).
+Everything here runs before anything is written, so a refused launch leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from toyaccel.errors import ToyaccelError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from toyaccel.config import TrainConfig
+
+# The variables a launcher sets to the number of processes it started, in the order Accelerate
+# reads them (accelerate.state): MPI's own (Open MPI, Intel MPI/MPICH, MVAPICH), then torchrun's.
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+MPI_SIZE_VARIABLES = WORLD_SIZE_VARIABLES[:3]
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+# Open MPI refuses to start as root without these (containers and CI run as root).
+MPI_AS_ROOT = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 when started by hand)."""
+    return _first_int(WORLD_SIZE_VARIABLES, 1)
+
+
+def launched_rank() -> int:
+    """This process's global rank, known before Accelerate starts (an MPI launch sets no RANK)."""
+    return _first_int(RANK_VARIABLES, 0)
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    check_launch()
+    # accelerate is imported here, not at the top: it is slow to import, and the command line needs
+    # launched_rank() on its error path. Looked up at call time, so tests/allreduce_probe.py can
+    # substitute its own Accelerator.
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from toyaccel.device import dataloader_configuration
+
+    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
+    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
+    multi_process = launched_world_size() > 1
+    try:
+        accelerator = Accelerator(
+            cpu=multi_process and not torch.cuda.is_available(),
+            dataloader_config=dataloader_configuration(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            dynamo_backend="inductor" if config.compile else None,
+            log_with=config.log_with,
+            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+        )
+    except (ValueError, ImportError, RuntimeError) as e:
+        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
+    return accelerator
+
+
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse setups that would run, but not as asked."""
+    from accelerate.utils import DistributedType
+
+    launched = launched_world_size()
+    if accelerator.num_processes != launched:
+        raise ToyaccelError(
+            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
+            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise ToyaccelError(
+            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
+            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ToyaccelError(
+            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches refused at start-up
+
+
+def check_launch() -> None:
+    """Stop a launch that would train with another number of processes than asked, or hang."""
+    refuse_one_process_for_many()
+    refuse_mpi_without_port()
+
+
+def refuse_one_process_for_many() -> None:
+    launch = simple_launch_of_many()
+    if launch is None:
+        return
+    asked, fix = launch
+    raise ToyaccelError(
+        f"accelerate launch was asked for {asked} processes but started one (its simple launcher, taken without "
+        f"an MPI hostfile, starts one), which would train alone; run: {fix}"
+    )
+
+
+def refuse_mpi_without_port() -> None:
+    mpi_world = any(int(os.environ.get(name) or 1) > 1 for name in MPI_SIZE_VARIABLES)
+    if mpi_world and os.environ.get("MASTER_PORT") == "0":
+        raise ToyaccelError(
+            "an MPI launch with main_process_port 0 cannot form a world (each process would wait on a port "
+            "only the first one knows); pass --main_process_port with a free port, e.g. 29500"
+        )
+
+
+def simple_launch_of_many() -> tuple[int, str] | None:
+    """(processes asked for, the command that starts them) when this lone process was started by
+    accelerate's simple launcher asked for several; None for every other launch.
+
+    The environment alone cannot tell: the simple launcher exports MASTER_ADDR/MASTER_PORT when asked
+    for several processes, but so do Slurm scripts for a run started by hand. So only a process whose
+    parent is `accelerate launch` is looked at, and the parent's own command line (with its config
+    file) says how many processes were asked for.
+    """
+    in_a_world = launched_world_size() > 1 or os.environ.get("LOCAL_RANK") is not None
+    from_simple_launcher = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if in_a_world or not from_simple_launcher:
+        return None
+    launch_argv = parent_accelerate_launch_argv()
+    if launch_argv is None:
+        return None
+    args = parse_launch(launch_argv)
+    if args is None or (args.num_processes or 1) <= 1 or args.mpirun_hostfile:
+        return None
+    return args.num_processes, working_command(args)
+
+
+def parent_accelerate_launch_argv() -> list[str] | None:
+    """The arguments after `accelerate launch` in the parent's command line, if it is one."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except (OSError, UnicodeDecodeError):  # no /proc (macOS) or the parent is gone: not ours to judge
+        return None
+    for i, arg in enumerate(argv):
+        name = os.path.basename(arg)
+        if name in ("accelerate-launch", "accelerate.commands.launch"):
+            return argv[i + 1 :]
+        if name in ("accelerate", "accelerate.commands.accelerate_cli") and argv[i + 1 : i + 2] == ["launch"]:
+            return argv[i + 2 :]
+    return None
+
+
+def parse_launch(launch_argv: list[str]):
+    """The launcher's arguments as accelerate itself resolves them (config file and defaults)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    logging.disable(logging.WARNING)  # accelerate launch already printed its warnings about missing values
+    try:
+        args = launch_command_parser().parse_args(launch_argv)
+        _validate_launch_command(args)
+    except (Exception, SystemExit):  # an argument list we cannot read: no alarm rather than a false one
+        return None
+    finally:
+        logging.disable(logging.NOTSET)
+    return args
+
+
+def working_command(args) -> str:
+    """The launch that gives ``args.num_processes`` real processes, for the same script and options."""
+    if torch.cuda.is_available():
+        config, prefix = "accelerate_configs/multi_gpu.yaml", ""
+    else:
+        config = "accelerate_configs/multi_cpu.yaml"
+        prefix = f"{MPI_AS_ROOT} " if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    script = ["-m"] if args.module else []
+    script += [args.training_script, *args.training_script_args]
+    launch = ["accelerate", "launch", "--config_file", config, "--num_processes", str(args.num_processes)]
+    return prefix + shlex.join(launch + script)
