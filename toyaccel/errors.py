@@ -10,6 +10,12 @@ class ToyaccelError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str, every_process: bool = False):
+        super().__init__(message)
+        # True when every process of a launch raises this very error (one decided on the main
+        # process, or found from all processes' numbers): only the main process needs to say it.
+        self.every_process = every_process
+
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on a signal (Ctrl-C, or a scheduler's SIGTERM or SIGUSR1) after saving a

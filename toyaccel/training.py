@@ -338,7 +338,7 @@ def on_main_process(accelerator: Accelerator, fn, *args):
             message = str(e)
     message, result = broadcast_object_list([message, result])
     if message:
-        raise ToyaccelError(message)
+        raise ToyaccelError(message, every_process=True)
     return result
 
 
@@ -392,7 +392,8 @@ def check_processes_agree(accelerator, state: TrainerState) -> None:
                 raise ToyaccelError(
                     f"rank {rank} disagrees with rank 0 on the {name} at the start of epoch {state.epoch + 1} "
                     f"({value} against {everyone[0][name]}): the processes are not running the same training; "
-                    "check that every machine sees the same --output-dir and data"
+                    "check that every machine sees the same --output-dir and data",
+                    every_process=True,
                 )
 
 
