@@ -17,8 +17,12 @@ between the same repeats, and 1 vs 2 processes (DDP over gloo, accelerate_config
 launches alternate). Single-process CPU rows use one thread, like each DDP worker. With a GPU, the same
 rows on it (and DDP with multi_gpu.yaml on 2+ GPUs), except that the large MLP runs under bf16
 autocast at larger batches against a bf16 matrix product, and that the book MLP at batch 256 also
-gets per-step host synchronisations, copies to the GPU and GPU-busy time. Last, the time from starting
-`python scripts/train.py` (fresh output dir) to its first training step's log line.
+gets per-step host synchronisations, copies to the GPU and GPU-busy time. Beside the loops, `epoch` is
+what a user pays for one epoch of toyaccel.fit: the same loop plus its epoch-end evaluation (a
+validation set a quarter the size of the training set, and the training-set sample) and checkpoint.
+The CSV reader (`--parts reader`) reads a 200k x 32 file with toyaccel's reader and with
+numpy.loadtxt, taking turns, each also once in a fresh process for its peak memory. Last, the time
+from starting `python scripts/train.py` (fresh output dir) to its first training step's log line.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ from toyaccel.model import NeuralNetwork  # noqa: E402
 
 NUM_FEATURES, NUM_CLASSES, SEED = 32, 4, 123
 LOOPS = ("book", "toyaccel", "ceiling")
-TARGETS = {  # the issue's targets, as ratios
+PARTS = ("loops", "ddp", "reader", "startup")
+TARGETS = {  # the issues' targets, as ratios
     "toyaccel_vs_book_b256": 3.0,
     "toyaccel_vs_ceiling_b256": 0.9,
+    "epoch_vs_book_b256": 2.5,
     "large_mlp_vs_matmul_peak": 0.85,
     "ddp2_vs_1_process": 1.6,
 }
@@ -62,6 +68,7 @@ TARGETS = {  # the issue's targets, as ratios
 DEVICE_TARGETS = {"cuda": {"large_mlp_vs_matmul_peak": 0.6}}
 # Mixed precision of the large MLP's rows: fp32 on CPU; bf16 on a GPU, where fp32 leaves the tensor cores idle.
 LARGE_PRECISION = {"cpu": "no", "cuda": "bf16"}
+READER_TARGETS = {"reader_vs_loadtxt_time": 1.5, "reader_peak_vs_tensor": 3.0}  # at most
 FIRST_STEP_LINE = re.compile(r"\bstep 1\b")
 
 
@@ -214,6 +221,30 @@ class ToyaccelLoop:
         self.accelerator.free_memory()  # drop its references to what it prepared for this loop
 
 
+class EpochLoop(ToyaccelLoop):
+    """A whole epoch as toyaccel.fit runs it: the loop, then the epoch-end evaluation and checkpoint."""
+
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
+        from toyaccel.data import DataBundle, synthetic_blobs
+        from toyaccel.training import evaluation_sets
+
+        super().__init__(features, labels, hidden, batch_size, accelerator, output_dir)
+        val_rows = labels.shape[0] // 4  # a 20% hold-out: 16k validation rows beside 64k training rows
+        held_out = synthetic_blobs(labels.shape[0] + val_rows, NUM_FEATURES, NUM_CLASSES, SEED)
+        val = ToyDataset(held_out.features[-val_rows:], held_out.labels[-val_rows:])
+        bundle = DataBundle(ToyDataset(features, labels), val, NUM_FEATURES, NUM_CLASSES, [])
+        self.eval_sets = evaluation_sets(self.config, bundle)
+
+    def epoch(self) -> int:
+        from toyaccel.checkpoint import save_checkpoint
+        from toyaccel.training import evaluate_sets
+
+        samples = super().epoch()
+        evaluate_sets(self.accelerator, self.model, self.eval_sets, NUM_CLASSES, self.config)
+        save_checkpoint(self.accelerator, self.config.output_dir, self.state, self.config.keep_last)
+        return samples
+
+
 class MatmulPeak:
     """Square matrix products of the large MLP's width, in its precision (fp32 or bf16): the best a
     dense layer can do here."""
@@ -296,6 +327,8 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
         "ceiling": CeilingLoop(features, labels, hidden, batch_size, device, precision),
     }
     large = model_name == "large"
+    if not large:
+        loops["epoch"] = EpochLoop(features, labels, hidden, batch_size, accelerator, f"{work_dir}/epoch-{batch_size}")
     if large:  # measured between the same repeats, so the peak sees the same neighbours
         loops["matmul_peak"] = MatmulPeak(max(hidden), device, args.peak_seconds, precision)
     steps = None
@@ -304,11 +337,13 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
         if device == "cuda" and model_name == "book" and batch_size == 256:
             steps = gpu_step_profile(loops["toyaccel"], batch_size)
     finally:
-        loops["toyaccel"].close()
+        for name in ("toyaccel", "epoch"):
+            if name in loops:
+                loops[name].close()
     if device != "cpu":
         cpu = {name: None for name in loops}  # CPU time says nothing about a GPU's throughput
     rows = []
-    for name in LOOPS:
+    for name in [*LOOPS, "epoch"] if not large else LOOPS:
         row = {"model": model_name, "hidden": list(hidden), "device": device, "processes": 1, "batch_size": batch_size}
         row.update(loop=name, samples=labels.shape[0], launched=False, precision=precision)
         row.update(summary(wall[name], cpu[name]))
@@ -454,6 +489,94 @@ def ddp_rows(args, device: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The CSV reader: toyaccel's against numpy.loadtxt on the same file
+
+
+def write_csv_file(path: str, rows: int, columns: int) -> None:
+    import numpy as np
+
+    data = synthetic_blobs(rows, columns, NUM_CLASSES, SEED)
+    table = np.column_stack([data.features.double().numpy(), data.labels.numpy()])
+    header = ",".join([*(f"x{i + 1}" for i in range(columns)), "label"])
+    np.savetxt(path, table, delimiter=",", fmt=["%.9g"] * columns + ["%d"], header=header, comments="")
+
+
+def read_csv_with(reader: str, path: str):
+    """One read of ``path``: toyaccel's as training does it (classes included), or numpy.loadtxt's plain call."""
+    if reader == "toyaccel":
+        from toyaccel.data import load_data
+
+        return load_data(TrainConfig(data=path)).train.features
+    import numpy as np
+
+    return np.loadtxt(path, delimiter=",", skiprows=1)
+
+
+def reader_peak_main(reader: str, path: str) -> None:
+    """In a fresh process: the most memory one read added on top of what the process held before it
+    (Linux's peak resident size, reset just before the read)."""
+    import numpy  # noqa: F401 - imported before the baseline, as toyaccel.data imports it
+
+    import toyaccel.data  # noqa: F401
+
+    status = Path("/proc/self/status")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident size
+    before = resident_kib(status, "VmRSS")
+    read_csv_with(reader, path)
+    print(json.dumps({"peak_bytes": (resident_kib(status, "VmHWM") - before) * 1024}))
+
+
+def resident_kib(status: Path, key: str) -> int:
+    line = next(line for line in status.read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+def reader_result(args, work_dir: str) -> dict:
+    path = f"{work_dir}/reader.csv"
+    write_csv_file(path, args.reader_rows, NUM_FEATURES)
+    tensor_bytes = args.reader_rows * NUM_FEATURES * 4  # the final float32 feature tensor
+    seconds = {"toyaccel": [], "numpy_loadtxt": []}
+    read_csv_with("toyaccel", path)  # warm-up: the file in the page cache for both
+    for _ in range(args.reader_repeats):
+        for reader in seconds:  # taking turns, so a busy neighbour slows both alike
+            start = time.perf_counter()
+            read_csv_with(reader, path)
+            seconds[reader].append(time.perf_counter() - start)
+    peaks = {}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for reader in seconds:
+        cmd = [sys.executable, __file__, "--reader-peak", reader, path]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"reader peak of {reader} failed:\n{proc.stderr[-3000:]}")
+        peaks[reader] = json.loads(proc.stdout.splitlines()[-1])["peak_bytes"]
+    median = {reader: statistics.median(s) for reader, s in seconds.items()}
+    return {
+        "rows": args.reader_rows, "columns": NUM_FEATURES + 1, "file_bytes": Path(path).stat().st_size,
+        "tensor_bytes": tensor_bytes, "seconds": median, "repeats_s": seconds, "peak_bytes": peaks,
+        "reader_vs_loadtxt_time": median["toyaccel"] / median["numpy_loadtxt"],
+        "reader_peak_vs_tensor": peaks["toyaccel"] / tensor_bytes,
+        "loadtxt_peak_vs_tensor": peaks["numpy_loadtxt"] / tensor_bytes,
+    }  # fmt: skip
+
+
+def reader_table(reader: dict) -> list[str]:
+    mb = 1e6
+    return [
+        f"\nCSV reader, {reader['rows']:,} rows x {reader['columns']} columns ({reader['file_bytes'] / mb:.0f} MB; "
+        f"final float32 features {reader['tensor_bytes'] / mb:.1f} MB), median of the repeats:",
+        "",
+        "| reader | seconds | peak memory | peak / final tensor |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {reader['seconds'][key]:.3f} | {reader['peak_bytes'][key] / mb:.0f} MB "
+            f"| {reader['peak_bytes'][key] / reader['tensor_bytes']:.2f} |"
+            for name, key in (("toyaccel (load_data)", "toyaccel"), ("numpy.loadtxt (float64)", "numpy_loadtxt"))
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # Start-up: time to the first training step of the default run
 
 
@@ -515,6 +638,9 @@ def ratios(rows: list[dict], device: str) -> dict:
             toyaccel = at_256["toyaccel"][clock]
             out["toyaccel_vs_book_b256" + suffix] = toyaccel / at_256["book"][clock]
             out["toyaccel_vs_ceiling_b256" + suffix] = toyaccel / at_256["ceiling"][clock]
+        epoch = find(rows, device=device, model="book", batch_size=256, loop="epoch", launched=False)
+        if epoch and at_256["book"] and epoch.get(clock):
+            out["epoch_vs_book_b256" + suffix] = epoch[clock] / at_256["book"][clock]
         large = [r for r in rows if r["device"] == device and r["model"] == "large" and r["loop"] == "toyaccel"
                  and not r["launched"] and r.get("of_matmul_peak" + suffix)]  # fmt: skip
         if large:
@@ -552,8 +678,8 @@ def fmt_rate(rate) -> str:
 
 def loop_table(rows: list[dict], device: str) -> list[str]:
     lines = ["| model (hidden) | batch | book loop | toyaccel | ceiling | toyaccel / book | toyaccel / ceiling "
-             "| toyaccel GFLOP/s | of matmul peak | noise |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| toyaccel GFLOP/s | of matmul peak | whole epoch | epoch / book | noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for model in ("book", "large"):
         for b in sorted({r["batch_size"] for r in rows if r["device"] == device and r["model"] == model}):
             got = {loop: find(rows, device=device, model=model, batch_size=b, loop=loop, launched=False)
@@ -563,12 +689,16 @@ def loop_table(rows: list[dict], device: str) -> list[str]:
             rate = {loop: row["samples_per_s"] for loop, row in got.items()}
             toyaccel = got["toyaccel"]
             of_peak = toyaccel.get("of_matmul_peak")
+            epoch = find(rows, device=device, model=model, batch_size=b, loop="epoch", launched=False)
+            epoch_cells = "- | -"
+            if epoch:
+                epoch_cells = f"{fmt_rate(epoch['samples_per_s'])} | {epoch['samples_per_s'] / rate['book']:.2f}x"
             lines.append(
                 f"| {model} ({','.join(map(str, toyaccel['hidden']))}){precision_note(toyaccel)} | {b} "
                 f"| {fmt_rate(rate['book'])} "
                 f"| {fmt_rate(rate['toyaccel'])} | {fmt_rate(rate['ceiling'])} "
                 f"| {rate['toyaccel'] / rate['book']:.2f}x | {rate['toyaccel'] / rate['ceiling']:.2f} "
-                f"| {toyaccel['gflops']:.1f} | {'-' if of_peak is None else f'{of_peak:.2f}'} "
+                f"| {toyaccel['gflops']:.1f} | {'-' if of_peak is None else f'{of_peak:.2f}'} | {epoch_cells} "
                 f"| {max(got[loop]['spread'] for loop in LOOPS):.0%} |"
             )
     return lines
@@ -616,6 +746,8 @@ def table(result: dict) -> str:
         if ddp_pairs(rows, device):
             lines += ["", f"DDP, large MLP, toyaccel loop, {device}, one thread per process:", ""]
             lines += ddp_table(rows, device)
+    if result.get("reader"):
+        lines += reader_table(result["reader"])
     startup = result.get("startup")
     if startup:
         lines.append(
@@ -632,6 +764,10 @@ def table(result: dict) -> str:
             verdict = "met" if got[name] >= target else "MISSED"
             lines.append(f"  {device} {name}: {got[name]:.3f}{'' if cpu is None else f' ({cpu:.3f})'} "
                          f"target >= {target}: {verdict}")  # fmt: skip
+    reader = result.get("reader")
+    for name, target in READER_TARGETS.items() if reader else ():
+        verdict = "met" if reader[name] <= target else "MISSED"
+        lines.append(f"  {name}: {reader[name]:.3f} target <= {target}: {verdict}")
     return "\n".join(lines)
 
 
@@ -672,24 +808,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddp-samples", type=int, default=16384, help="large MLP: samples per DDP epoch")
     p.add_argument("--ddp-repeats", type=int, default=2, help="timed epochs per launch")
     p.add_argument("--ddp-rounds", type=int, default=2, help="alternating 1-process / N-process launches")
-    p.add_argument("--parts", default="loops,ddp,startup", help="which measurements to run (default: %(default)s)")
+    p.add_argument("--parts", default=",".join(PARTS), help="which measurements to run (default: %(default)s)")
+    p.add_argument("--reader-rows", type=int, default=200_000, help="rows of the CSV file the readers read")
+    p.add_argument("--reader-repeats", type=int, default=3, help="timed reads per reader")
     p.add_argument("--startup-repeats", type=int, default=3)
     p.add_argument("--devices", default="auto", help="cpu, cuda or cpu,cuda (auto: cpu, plus cuda if present)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for each launched process")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by launch_workers
+    p.add_argument("--reader-peak", nargs=2, help=argparse.SUPPRESS)  # set by reader_result
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.large_samples, args.ddp_samples, args.peak_seconds = 2048, 512, 512, 0.05
         args.batch_sizes, args.large_hidden, args.ddp_batch_sizes = "32,256", "256,256", "128"
         args.gpu_large_samples, args.gpu_large_batch_sizes = 4096, "256,1024"
         args.repeats = args.repeats_large = args.ddp_repeats = args.ddp_rounds = args.startup_repeats = 1
+        args.reader_rows, args.reader_repeats = 5000, 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.gpu_large_batch_sizes = [int(b) for b in args.gpu_large_batch_sizes.split(",")]
     args.ddp_batch_sizes = [int(b) for b in args.ddp_batch_sizes.split(",")]
     args.large_hidden = parse_hidden(args.large_hidden)
     args.parts = set(args.parts.split(","))
-    if not args.parts <= {"loops", "ddp", "startup"}:
-        p.error(f"--parts: expected a comma-separated subset of loops,ddp,startup, got {','.join(sorted(args.parts))}")
+    if not args.parts <= set(PARTS):
+        p.error(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got {','.join(sorted(args.parts))}")
     if args.devices == "auto":
         args.devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     args.devices = args.devices.split(",")
@@ -700,6 +840,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker), args.output)
+        return 0
+    if args.reader_peak:
+        reader_peak_main(*args.reader_peak)
         return 0
     torch.set_num_threads(1)  # one thread, like each DDP worker: the 1-vs-2-process comparison is per core
     result = {"machine": machine(), "threads": 1, "devices": args.devices, "batch_sizes": args.batch_sizes,
@@ -712,6 +855,9 @@ def main(argv=None) -> int:
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)
                 result["rows"] += ddp_rows(args, device)
             result["ratios"][device] = ratios(result["rows"], device)
+        if "reader" in args.parts:
+            print("CSV readers ...", file=sys.stderr, flush=True)
+            result["reader"] = reader_result(args, work_dir)
         if "startup" in args.parts:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)

@@ -34,7 +34,7 @@ def quick(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     threads = torch.get_num_threads()
     try:  # main() sets one thread for the whole process: give the other tests theirs back
-        assert bench.main(["--quick", "--devices", "cpu", "--parts", "loops,startup", "--output", str(out)]) == 0
+        assert bench.main(["--quick", "--devices", "cpu", "--parts", "loops,reader,startup", "--output", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     return json.loads(out.read_text())
@@ -85,3 +85,20 @@ def test_ddp_worker_reports_its_world_and_rates(bench, tmp_path):
     assert set(result) == {"64", "128"}
     for got in result.values():
         assert got["world_size"] == 1 and len(got["rates"]) == 2 and min(got["rates"]) > 0
+
+
+def test_quick_run_times_a_whole_epoch_beside_the_loops(quick):
+    epochs = [r for r in quick["rows"] if r["loop"] == "epoch"]
+    assert sorted(r["batch_size"] for r in epochs) == [32, 256] and all(r["model"] == "book" for r in epochs)
+    assert all(r["samples_per_s"] > 0 and r["samples_per_cpu_s"] > 0 for r in epochs)
+    assert quick["ratios"]["cpu"]["epoch_vs_book_b256"] > 0
+    assert "| whole epoch | epoch / book |" in quick["table"] and "epoch_vs_book_b256" in quick["table"]
+
+
+def test_quick_run_reads_the_csv_with_both_readers(quick):
+    reader = quick["reader"]
+    assert reader["rows"] == 5000 and reader["columns"] == 33 and reader["tensor_bytes"] == 5000 * 32 * 4
+    assert set(reader["seconds"]) == set(reader["peak_bytes"]) == {"toyaccel", "numpy_loadtxt"}
+    assert all(v > 0 for v in reader["seconds"].values())
+    assert reader["reader_vs_loadtxt_time"] == reader["seconds"]["toyaccel"] / reader["seconds"]["numpy_loadtxt"]
+    assert "| toyaccel (load_data) |" in quick["table"] and "reader_peak_vs_tensor" in quick["table"]

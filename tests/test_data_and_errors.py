@@ -13,7 +13,7 @@ from conftest import REPO, accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import load_data
+from toyaccel.data import Columns, ToyDataset, eval_batches, load_data, read_fast, read_slow, read_table
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -52,11 +52,30 @@ BAD_CSVS = {
     "nan": ("x1,x2,label\n1,2,0\nNaN,2,1\n", [], "row 3, column 'x1': NaN is not a finite number"),
     "inf": ("x1,x2,label\n1,-inf,0\n", [], "row 2, column 'x2': -inf is not a finite number"),
     "beyond float32": ("x1,x2,label\n1,1e39,0\n", [], "row 2, column 'x2': 1e39 is too large for float32"),
+    # With --num-classes, labels are class numbers 0..K-1; without, any values are class names.
     "negative label": (
-        "x1,x2,label\n1,2,0\n1,2,-1\n", [], "row 3, column 'label': a label must be a class number 0, 1, 2, ..., got -1"
+        "x1,x2,label\n1,2,0\n1,2,-1\n",
+        ["--num-classes", "2"],
+        "row 3, column 'label': a label must be a class number 0, 1, 2, ..., got -1",
     ),
     "non-integer label": (
-        "x1,x2,label\n1,2,0.5\n", [], "row 2, column 'label': a label must be a class number 0, 1, 2, ..., got 0.5"
+        "x1,x2,label\n1,2,0.5\n",
+        ["--num-classes", "2"],
+        "row 2, column 'label': a label must be a class number 0, 1, 2, ..., got 0.5",
+    ),
+    "missing label": ("x1,x2,label\n1,2,0\n1,2, \n", [], "row 3, column 'label': missing label"),
+    "one class only": (
+        "x1,x2,label\n1,2,cat\n3,4,cat\n", [], "column 'label': only one class ('cat'); a classifier needs at least two"
+    ),
+    "text column": (
+        "id,x1,label\nid001,1,a\nid002,2,b\n",
+        [],
+        "row 2, column 'id': not a number: 'id001' (if 'id' is not a feature, leave it out with --ignore-columns id)",
+    ),
+    "unknown ignored column": (
+        GOOD_ROWS,
+        ["--ignore-columns", "id"],
+        "--ignore-columns names 'id', which is not in header ['x1', 'x2', 'label']",
     ),
     "label out of range": (
         "x1,x2,label\n1,2,0\n1,2,1\n1,2,2\n",
@@ -66,8 +85,7 @@ BAD_CSVS = {
     "label far beyond the rows": (
         "x1,x2,label\n1,2,0\n1,2,1\n1,2,1999\n",
         [],
-        "the largest label, 1999, would mean 2000 classes for 3 rows; labels must be class numbers 0..K-1 "
-        "(check --label-column, or set --num-classes if this is intended)",
+        "column 'label' has 3 distinct values in 3 rows, too many to be classes (check --label-column)",
     ),
     "row too short": ("x1,x2,label\n1,2,0\n1,2\n", [], "row 3 has 2 columns, the header has 3"),
     "row too long": ("x1,x2,label\n1,2,0,7\n", [], "row 2 has 4 columns, the header has 3"),
@@ -117,6 +135,11 @@ def test_bad_validation_csv_names_the_validation_file(csv_dir, previous_run, cap
     )
     # Row numbers are the file's: the blank line 3 counts.
     assert_refused(code, err, f"{val}: row 4, column 'label': label 3 is out of range for num_classes=2 (labels 0..1)")
+    named = write(csv_dir, "named.csv", "x1,x2,label\n1,2,cat\n1,3,dog\n")
+    unseen = write(csv_dir, "unseen.csv", "x1,x2,label\n1,2,dog\n\n1,2,mouse\n")
+    code, err = run_train(capsys, "--data", named, "--val-data", unseen, "--output-dir", str(previous_run))
+    message = "row 4, column 'label': label 'mouse' is not one of the training data's classes (cat, dog)"
+    assert_refused(code, err, f"{unseen}: {message}")
     assert snapshot(previous_run) == before
 
 
@@ -167,7 +190,7 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys):
 
 
 def test_bad_csv_stops_a_multi_process_launch_promptly_with_one_line(csv_dir, previous_run):
-    path = write(csv_dir, "bad_ddp.csv", "x1,x2,label\n1,2,0\n1,2,0.25\n")
+    path = write(csv_dir, "bad_ddp.csv", "x1,x2,label\n1,2,0\n1,2,\n")
     before = snapshot(previous_run)
     started = time.monotonic()
     proc = accelerate_launch(
@@ -175,7 +198,7 @@ def test_bad_csv_stops_a_multi_process_launch_promptly_with_one_line(csv_dir, pr
     )
     assert proc.returncode != 0, proc.stderr
     assert time.monotonic() - started < 120, proc.stderr  # no process waits for one that has already given up
-    message = f"error: {path}: row 3, column 'label': a label must be a class number 0, 1, 2, ..., got 0.25\n"
+    message = f"error: {path}: row 3, column 'label': missing label\n"
     # Printed once, by rank 0; the rest of stderr is the launcher's own report of a failed worker.
     assert proc.stderr.count(message) == 1, proc.stderr
     # The script's own exit code, under the launcher's 1 (multi_cpu.yaml: mpirun, under accelerate's simple launcher).
@@ -231,3 +254,75 @@ def test_config_precedence_is_defaults_then_file_then_command_line(tmp_path):
     json_path = write(tmp_path, "train.json", '{"lr": 0.25, "standardize": true}')
     config = parse_train_args(["--config", json_path, "--no-standardize"])
     assert config.lr == 0.25 and config.standardize is False
+
+
+def test_fast_reader_reads_exactly_what_the_row_by_row_scan_reads(tmp_path):
+    """numpy's reader and the scan that words its errors must agree to the bit, labels and kept ids too."""
+    g = torch.Generator().manual_seed(1)
+    values = (torch.randn(40, 3, generator=g, dtype=torch.float64) * 10 ** torch.randint(-8, 30, (40, 3), generator=g))
+    names = ["cat", "dog", "emu"]
+    lines = ["\ufeffid,a,kind,b,c"]
+    for i, (a, b, c) in enumerate(values.tolist()):
+        # Doubles at full precision round to float32 once either way; quoted cells and spaces as spreadsheets write.
+        lines.append(f'"id {i:03}",{a!r}, {names[i % 3]} ,"{b!r}",{c!r}')
+    path = write(tmp_path, "data.csv", "\r\n".join(lines) + "\r\n\r\n")
+    columns = Columns(["id", "a", "kind", "b", "c"], ["a", "b", "c"], "kind", ("id",))
+    fast = read_fast(path, 1, columns)
+    assert fast is not None  # the fast path itself read this file
+    slow = read_slow(path, columns)
+    assert torch.equal(fast.features, slow.features) and torch.equal(fast.features, values.float())
+    assert torch.equal(fast.label_codes, slow.label_codes) and fast.label_cells == slow.label_cells == names
+    assert fast.kept == slow.kept == {"id": [f"id {i:03}" for i in range(40)]}
+    # A line of spaces stops numpy; the scan reads the file instead, with the same result.
+    spaced = write(tmp_path, "spaced.csv", "\r\n".join(lines[:5] + ["   "] + lines[5:]) + "\r\n")
+    with pytest.raises(ValueError):
+        read_fast(spaced, 1, columns)
+    table = read_table(spaced, "kind", ignore=("id",), keep=("id",))
+    assert torch.equal(table.features, fast.features) and table.kept == fast.kept
+
+
+def test_labels_that_are_not_class_numbers_are_class_names(tmp_path):
+    rows = [("x1", "x2", "species")] + [(i, -i, ("virginica", "setosa", "versicolor")[i % 3]) for i in range(9)]
+    names = write(tmp_path, "names.csv", "".join(",".join(map(str, r)) + "\n" for r in rows))
+    data = load_data(TrainConfig(data=names, label_column="species"))
+    assert data.classes == ["setosa", "versicolor", "virginica"] and data.num_classes == 3
+    assert data.train.labels.tolist() == [2, 0, 1] * 3
+    # Numbers that are not 0..K-1 are names too, sorted by value: no empty class 0 in the model.
+    numbers = write(tmp_path, "numbers.csv", "x,label\n1,10\n2,2\n3,1\n4,2\n5,10\n6,1\n7,1\n")
+    data = load_data(TrainConfig(data=numbers))
+    assert data.classes == ["1", "2", "10"] and data.train.labels.tolist() == [2, 1, 0, 1, 2, 0, 0]
+    # Class numbers 0..K-1 keep their meaning.
+    data = load_data(TrainConfig(data=write(tmp_path, "index.csv", "x,label\n1,1\n2,0\n3,2\n4,1\n")))
+    assert data.classes == ["0", "1", "2"] and data.train.labels.tolist() == [1, 0, 2, 1]
+
+
+def test_without_output_dir_each_run_gets_a_fresh_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quick = {"epochs": 1, "progress": False, "plot": False}
+    first, second = fit(**quick), fit(**quick)
+    assert (first.output_dir, second.output_dir) == ("runs/toy", "runs/toy-2")
+    out = capsys.readouterr().out
+    assert "| output runs/toy-2 |" in out and out.rstrip().endswith("saved the run in runs/toy-2")
+    assert (tmp_path / "runs/toy-2/model.safetensors").exists()
+    # --resume without --output-dir continues the newest of them.
+    resumed = fit(**quick, resume="latest")
+    assert resumed.output_dir == "runs/toy-2" and not (tmp_path / "runs/toy-3").exists()
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "--eval-train {sample,full}" in text
+    for option in re.split(r" --(?=[a-z])", text)[1:]:
+        assert option.count("(default") <= 1, option
+
+
+@pytest.mark.parametrize("rows, processes, batch_size", [(5, 3, 1), (2, 5, 256), (513, 2, 256)])
+def test_evaluation_shares_cover_every_row_once_in_equal_numbers_of_batches(rows, processes, batch_size):
+    """Each row is scored by one process; every process runs as many forwards (FSDP needs all of them)."""
+    ds = ToyDataset(torch.arange(rows, dtype=torch.float32).view(-1, 1), torch.arange(rows))
+    shares = [list(eval_batches(ds, batch_size, torch.device("cpu"), p, processes)) for p in range(processes)]
+    assert len({len(batches) for batches in shares}) == 1
+    seen = torch.cat([labels for batches in shares for _, labels in batches])
+    assert seen.tolist() == list(range(rows))

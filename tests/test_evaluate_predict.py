@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, REPO, free_port, read_json, read_jsonl, subprocess_env
+from conftest import CONFIGS, REPO, free_port, read_json, read_jsonl, subprocess_env, weights
 
 from toyaccel import TrainConfig, fit, load_model
 from toyaccel.cli import evaluate_main, predict_main
@@ -327,3 +327,111 @@ def test_predict_refuses_bad_input_without_writing(csv_run, toy_run, tmp_path, c
     code, _, err = cli(predict_main, capsys, str(toy_run), "--data", "toy", "--output", f"{a_file}/p.csv")
     assert code == 2 and err.startswith(f"error: cannot write {a_file}/p.csv: ") and err.count("\n") == 1
     assert not target.exists()
+
+
+# --- class names, id columns, evaluation cadence (issue 11) ------------------------------------------
+
+SPECIES = ["setosa", "versicolor", "virginica"]
+
+
+def named_rows(features: torch.Tensor, labels: torch.Tensor, first_id: int) -> list[list]:
+    rows = zip(features.tolist(), labels.tolist())
+    return [[f"id{first_id + i:03}", a, SPECIES[y], b, c] for i, ((a, b, c), y) in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def named_run(tmp_path_factory):
+    """Rows as they come: a text id column, classes by name."""
+    folder = tmp_path_factory.mktemp("named_run")
+    header = ["id", "a", "species", "b", "c"]
+    train = write_csv(folder / "train.csv", header, named_rows(*blobs(60, seed=1), 0))
+    val = write_csv(folder / "val.csv", header, named_rows(*blobs(21, seed=2), 100))
+    out = folder / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        fit(data=train, val_data=val, label_column="species", ignore_columns="id", standardize=True, epochs=2,
+            batch_size=8, lr=0.1, progress=False, plot=False, output_dir=str(out))  # fmt: skip
+    return {"out": out, "train": train, "val": val, "folder": folder, "stdout": stdout.getvalue()}
+
+
+def test_start_up_line_and_config_json_say_the_data_as_read(named_run):
+    first = named_run["stdout"].splitlines()[0]
+    assert first.startswith("toyaccel: 1 process(es), ")
+    assert (f"| data {named_run['train']}: 60 rows, 3 features (a, b, c), 3 classes: setosa, versicolor, virginica; "
+            f"train 60, val 21 ({named_run['val']}) | output {named_run['out']} | ") in first  # fmt: skip
+    assert "num_samples" not in first and "label_column=species" in first and "ignore_columns=['id']" in first
+    saved = read_json(named_run["out"] / "config.json")
+    assert saved["data"]["classes"] == SPECIES and saved["data"]["ignore_columns"] == ["id"]
+    assert saved["data"]["feature_names"] == FEATURES and saved["model"]["num_outputs"] == 3
+    assert "num_samples" not in saved["config"] and saved["config"]["ignore_columns"] == ["id"]
+
+
+def test_evaluate_and_predict_speak_class_names_and_keep_ids(named_run, tmp_path, capsys):
+    out, folder = named_run["out"], named_run["folder"]
+    metrics = evaluate_run(out, named_run["val"])
+    results = read_json(out / "results.json")
+    assert (metrics["loss"], metrics["accuracy"]) == (results["val_loss"], results["val_accuracy"])
+    table = format_evaluation(metrics).splitlines()[3:]
+    assert table[0].split() == ["pred", "setosa", "pred", "versicolor", "pred", "virginica"]
+    assert [line.split()[:2] for line in table[1:]] == [["true", name] for name in SPECIES]
+
+    features, _ = blobs(7, seed=3)
+    rows = [[f"new{i}", "note", c, b, a] for i, (a, b, c) in enumerate(features.tolist())]
+    data = write_csv(tmp_path / "new.csv", ["id", "note", "c", "b", "a"], rows)
+    target = tmp_path / "predictions.csv"
+    code, _, err = cli(predict_main, capsys, str(out), "--data", data, "--output", str(target))
+    assert (code, err) == (0, "")
+    header, *written = list(csv.reader(target.open(newline="")))
+    # The training run's ignored columns come first, as they were; the note is not one of them.
+    assert header == ["id", "predicted", *(f"prob_{n}" for n in SPECIES)]
+    assert [r[0] for r in written] == [f"new{i}" for i in range(7)]
+    with torch.no_grad():
+        logits = load_model(out)(standardized(out, features))
+    assert [r[1] for r in written] == [SPECIES[k] for k in logits.argmax(1).tolist()]
+    code, _, _ = cli(predict_main, capsys, str(out), "--data", data, "--output", str(target), "--overwrite",
+                     "--ignore-columns", "note,id")  # fmt: skip
+    assert code == 0 and next(csv.reader(target.open()))[:3] == ["note", "id", "predicted"]
+
+    unseen = write_csv(folder / "unseen.csv", ["a", "b", "c", "species"], [[1, 2, 3, "setosa"], [1, 2, 3, "mouse"]])
+    no_b = write_csv(folder / "no_b.csv", ["id", "a", "c"], [["x", 1, 2]])
+    cases = [
+        (evaluate_main, [str(out), "--data", unseen],
+         f"{unseen}: row 3, column 'species': label 'mouse' is not one of the training data's classes "
+         "(setosa, versicolor, virginica)"),
+        (predict_main, [str(out), "--data", no_b, "--output", str(tmp_path / "p.csv")],
+         f"{no_b}: missing feature column(s) ['b']; the model was trained on columns {FEATURES}"),
+        (predict_main, [str(out), "--data", data, "--output", str(tmp_path / "p.csv"), "--ignore-columns", "a"],
+         f"{data}: --ignore-columns names ['a'], which the model takes as features"),
+    ]  # fmt: skip
+    for main, args, message in cases:
+        code, stdout, err = cli(main, capsys, *args)
+        assert (code, stdout, err) == (2, "", f"error: {message}\n")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_eval_every_and_the_training_sample(tmp_path):
+    """Epoch-end training metrics score a fixed sample of 8192 rows (--eval-train full: every row); evaluation
+    never changes what is trained."""
+    from toyaccel.config import EVAL_TRAIN_SAMPLE
+    from toyaccel.data import load_data, training_sample
+
+    options = {"data": "synthetic", "num_samples": 10000, "num_features": 4, "val_fraction": 0.1, "epochs": 2,
+               "batch_size": 900, "lr": 0.1, "eval_every": 2, "progress": False, "plot": False}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        sample = fit(**options, output_dir=str(tmp_path / "sample"))
+        full = fit(**options, eval_train="full", output_dir=str(tmp_path / "full"))
+    epochs = [r for r in read_jsonl(tmp_path / "sample" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [sorted(r) for r in epochs] == [["epoch", "kind", "step"],
+                                           ["epoch", "kind", "step", "train_acc", "train_loss", "val_acc", "val_loss"]]
+    assert weights(tmp_path / "sample").keys() and all(
+        torch.equal(weights(tmp_path / "sample")[k], v) for k, v in weights(tmp_path / "full").items()
+    )
+    train = load_data(TrainConfig(**{k: options[k] for k in ("data", "num_samples", "num_features", "val_fraction")}))
+    rows = training_sample(train.train, EVAL_TRAIN_SAMPLE, seed=123)
+    assert len(train.train) == 9000 and len(rows) == EVAL_TRAIN_SAMPLE
+    model = load_model(tmp_path / "sample")
+    for result, ds in ((sample, rows), (full, train.train)):
+        with torch.no_grad():
+            logits = model(ds.features)
+        assert result.train_accuracy == (logits.argmax(1) == ds.labels).double().mean().item()
+        assert result.train_loss == pytest.approx(F.cross_entropy(logits, ds.labels).item(), rel=1e-6)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from toyaccel.config import TrainConfig, build_config, read_config_file
+from toyaccel.config import TrainConfig, build_config, parse_names, read_config_file
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.launch import launched_rank
 
@@ -34,6 +34,18 @@ def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
     return {"int": int, "float": float}.get(kind, str)
 
 
+def with_default(f: dataclasses.Field) -> str:
+    """The option's help and its default, said once: not where the help already says it, nor for unset options."""
+    help_text = f.metadata["help"]
+    if f.default is None or f.default is False or "default" in help_text or "the book:" in help_text:
+        return help_text
+    if f.default == 0 and "(0 = " in help_text:
+        return help_text
+    if f.default == () or f.default is True:
+        return help_text if f.default == () else f"{help_text} (default: on)"
+    return f"{help_text} (default: {f.default})"
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="toyaccel-train",
@@ -43,7 +55,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default if f.name != 'hidden' else '30,20'})"
+        help_text = with_default(f)
         # SUPPRESS: only options the user typed override the config file.
         if str(f.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -83,6 +95,9 @@ def run_cli(main: Callable[[], Any]) -> int:
         sys.stderr.flush()
         return e.exit_code
     except Interrupted as e:
+        from toyaccel.interrupts import ignore_stop_signals
+
+        ignore_stop_signals()
         return e.exit_code  # the training loop saved a checkpoint, and its main process said where
     except KeyboardInterrupt:  # Ctrl-C before training started: said once, not by every process
         if launched_rank() == 0:
@@ -131,12 +146,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label-column", help="CSV column holding the class (default: the one used in training)")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per process per batch (default: 256)")
+    parser.add_argument("--ignore-columns", default="", help="columns of --data to leave out, comma separated")
 
     def main() -> None:
         from toyaccel.inference import evaluate_run, format_evaluation
 
         args = parser.parse_args(argv)
-        metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size)
+        ignore = parse_names(args.ignore_columns)
+        metrics = evaluate_run(args.run_dir, args.data, args.label_column, args.batch_size, ignore)
         if launched_rank() == 0:
             print(format_evaluation(metrics), flush=True)
 
@@ -150,14 +167,24 @@ def predict_main(argv: list[str] | None = None) -> int:
         required=True,
         help="CSV file with the model's feature columns (other columns, a label among them, are ignored), or 'toy'",
     )
-    parser.add_argument("--output", required=True, help="CSV file to write: predicted,prob_0,prob_1,...")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="CSV file to write: the ignored columns (ids) as they were, predicted (the class), prob_<class> per class",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--ignore-columns",
+        help="columns of --data to copy to --output before the predictions, comma separated (default: the training "
+        "run's --ignore-columns that --data has)",
+    )
 
     def main() -> None:
         from toyaccel.inference import predict_file
 
         args = parser.parse_args(argv)
-        rows = predict_file(args.run_dir, args.data, args.output, args.overwrite)
+        ignore = None if args.ignore_columns is None else parse_names(args.ignore_columns)
+        rows = predict_file(args.run_dir, args.data, args.output, args.overwrite, ignore)
         print(f"wrote {rows} predictions to {args.output}", flush=True)
 
     return run_cli(main)

@@ -16,6 +16,8 @@ from typing import Any
 from toyaccel.errors import ToyaccelError
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+EVAL_TRAIN = ("sample", "full")
+EVAL_TRAIN_SAMPLE = 8192  # rows of the fixed training-set sample that --eval-train sample scores
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DATA_PLACEMENTS = ("auto", "device", "host")
 
@@ -32,7 +34,12 @@ class TrainConfig:
     data: str = _opt("toy", "'toy' (the book's 5+2 points), 'synthetic' (seeded Gaussian blobs) or a CSV path")
     val_data: str | None = _opt(None, "CSV file with validation rows (default: the book's test set for 'toy')")
     val_fraction: float = _opt(0.0, "hold out this fraction of the training rows for validation (seeded split)")
-    label_column: str = _opt("label", "CSV column holding the integer class label")
+    label_column: str = _opt(
+        "label", "CSV column holding the class: numbers 0..K-1, or any values (names, other numbers) as class names"
+    )
+    ignore_columns: tuple[str, ...] = _opt(
+        (), "CSV columns that are not features, comma separated, e.g. id,name (predict copies them to its output)"
+    )
     num_samples: int = _opt(1000, "'synthetic': number of rows")
     num_features: int = _opt(2, "'synthetic': number of input features")
     num_classes: int | None = _opt(None, "number of classes (default: inferred from the labels; 2 for 'synthetic')")
@@ -58,12 +65,23 @@ class TrainConfig:
         "fits in a quarter of its free memory", choices=DATA_PLACEMENTS,
     )  # fmt: skip
     # --- outputs ------------------------------------------------------------------------------
-    output_dir: str = _opt("runs/toy", "where model, config, results, metrics and checkpoints go")
+    output_dir: str | None = _opt(
+        None,
+        "where model, config, results, metrics and checkpoints go (default: a fresh folder per run: "
+        "runs/toy, runs/toy-2, ...; named after --data)",
+    )
     overwrite: bool = _opt(False, "replace the toyaccel files of a previous run in --output-dir")
     resume: str | None = _opt(
         None, "'latest' (newest complete checkpoint), 'auto' (latest if any, else start) or a checkpoint folder"
     )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
+    eval_every: int = _opt(1, "evaluate every N epochs (the last epoch always)")
+    eval_train: str = _opt(
+        "sample",
+        f"training-set metrics: 'sample' scores a fixed seeded sample of {EVAL_TRAIN_SAMPLE} rows (every row of a "
+        "smaller set), 'full' every row",
+        choices=EVAL_TRAIN,
+    )
     keep_last: int = _opt(3, "keep only the newest K checkpoints (0 = keep all)")
     log_every: int = _opt(0, "log every N optimizer steps (0 = about ten lines per epoch)")
     progress: bool = _opt(True, "show a progress bar when writing to a terminal")
@@ -75,7 +93,7 @@ class TrainConfig:
     # (batch_size and grad_accum enter through the global batch, so a resume may change how the
     # global batch is split over processes.)
     TRAINING_FIELDS = (
-        "data", "val_data", "val_fraction", "label_column", "num_samples", "num_features",
+        "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
         "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule",
         "warmup_steps", "max_grad_norm",
     )  # fmt: skip
@@ -87,7 +105,7 @@ class TrainConfig:
         """Check every field once; raise ToyaccelError naming the first bad one."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "hidden":
+            if f.name in ("hidden", "ignore_columns"):
                 continue
             if value is None and "None" in str(f.type):
                 continue
@@ -101,7 +119,8 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise ToyaccelError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         self.hidden = parse_hidden(self.hidden)
-        positive = ("epochs", "batch_size", "grad_accum", "num_samples", "num_features")
+        self.ignore_columns = parse_names(self.ignore_columns)
+        positive = ("epochs", "batch_size", "grad_accum", "num_samples", "num_features", "eval_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ToyaccelError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -123,6 +142,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["ignore_columns"] = list(self.ignore_columns)
         return d
 
     def training_dict(self) -> dict[str, Any]:
@@ -148,6 +168,31 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
     if any(s < 1 for s in sizes) or any(isinstance(p, (bool, float)) for p in parts):
         raise ToyaccelError(f"hidden sizes must be positive integers, got {value!r}")
     return sizes
+
+
+def parse_names(value: Any) -> tuple[str, ...]:
+    """'id, name', ['id', 'name'] -> ('id', 'name'); '' or [] -> ()."""
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(p.strip() for p in value if p.strip())
+    raise ToyaccelError(f"ignore_columns must be comma-separated column names like id,name, got {value!r}")
+
+
+def applicable_options(config: TrainConfig) -> dict[str, Any]:
+    """The options that take part in this run: unset ones and those of another data source left out.
+    What the start-up line prints and config.json keeps."""
+    csv_only = ("label_column", "ignore_columns")
+    synthetic_only = ("num_samples", "num_features")
+    d = config.to_dict()
+    for name, value in config.to_dict().items():
+        if value is None or value == [] or value == "" or (name == "val_fraction" and not value):
+            del d[name]
+        elif name in csv_only and config.data in ("toy", "synthetic"):
+            del d[name]
+        elif name in synthetic_only and config.data != "synthetic":
+            del d[name]
+    return d
 
 
 def field_names() -> list[str]:

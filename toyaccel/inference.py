@@ -1,7 +1,7 @@
 """Evaluate and predict with a saved run, reading only ``model.safetensors`` and ``config.json`` (no pickle).
 
-``evaluate_run`` runs under ``accelerate launch`` like training does: every process scores its shard and
-``gather_for_metrics`` makes the loss, accuracy and confusion matrix those of the whole data set.
+``evaluate_run`` runs under ``accelerate launch`` like training does: every process scores its share of the
+rows and one all-reduce makes the loss, accuracy and confusion matrix those of the whole data set.
 ``predict_file`` is a single process job: the model is small and the output is one file.
 """
 
@@ -16,7 +16,18 @@ from typing import Any
 import torch
 
 from toyaccel.config import TrainConfig, build_config
-from toyaccel.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data, read_csv_columns
+from toyaccel.data import (
+    TOY_X_TEST,
+    TOY_Y_TEST,
+    Classes,
+    ToyDataset,
+    apply_standardization,
+    class_indices,
+    columns_present,
+    load_data,
+    read_table,
+    saved_classes,
+)
 from toyaccel.errors import ToyaccelError
 from toyaccel.launch import build_accelerator, check_world, launched_world_size
 from toyaccel.model import NeuralNetwork
@@ -53,6 +64,14 @@ class SavedRun:
     def label_column(self) -> str:
         return self.data_info.get("label_column") or "label"
 
+    @property
+    def classes(self) -> Classes:
+        return saved_classes(self.data_info.get("classes"), self.num_classes)
+
+    @property
+    def ignore_columns(self) -> list[str]:
+        return list(self.data_info.get("ignore_columns") or [])
+
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
         """The training run's feature scaling, from the mean and std it saved."""
         return apply_standardization(features, self.data_info.get("mean"), self.data_info.get("std"))
@@ -67,7 +86,9 @@ def load_run(run_dir: str | Path) -> SavedRun:
 # Data to score
 
 
-def evaluation_data(run: SavedRun, data: str | None, label_column: str | None = None) -> tuple[ToyDataset, str]:
+def evaluation_data(
+    run: SavedRun, data: str | None, label_column: str | None = None, ignore_columns: tuple[str, ...] = ()
+) -> tuple[ToyDataset, str]:
     """Labelled rows for ``run`` (standardized as in training) and a few words saying what they are.
 
     ``data``: None for the run's own validation set (what ``results.json`` reports), ``toy`` for the
@@ -85,7 +106,8 @@ def evaluation_data(run: SavedRun, data: str | None, label_column: str | None = 
             "has them when trained with --val-fraction), or pass a CSV file"
         )
     else:
-        features, labels = read_csv_columns(data, run.feature_names, label_column or run.label_column, run.num_classes)
+        table = read_table(data, label_column or run.label_column, run.feature_names, ignore=ignore_columns)
+        features, labels = table.features, class_indices(table, run.classes)
         description = data
     return ToyDataset(run.standardize(features), labels), f"{description} ({labels.shape[0]} rows)"
 
@@ -111,12 +133,18 @@ def book_test_features(run: SavedRun) -> torch.Tensor:
     return torch.tensor(TOY_X_TEST)
 
 
-def prediction_features(run: SavedRun, data: str) -> torch.Tensor:
-    """Feature rows to predict on (standardized as in training); a label column may be present or not."""
+def prediction_features(
+    run: SavedRun, data: str, ignore_columns: tuple[str, ...] | None = None
+) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """Feature rows to predict on (standardized as in training), and the text of the ignored columns to
+    copy into predictions.csv: ``ignore_columns``, or by default those of the training run that the file has.
+    A label column may be present or not."""
     if data == "toy":
-        return run.standardize(book_test_features(run))
-    features, _ = read_csv_columns(data, run.feature_names)
-    return run.standardize(features)
+        return run.standardize(book_test_features(run)), {}
+    if ignore_columns is None:
+        ignore_columns = columns_present(data, tuple(run.ignore_columns))
+    table = read_table(data, None, run.feature_names, ignore=ignore_columns, keep=ignore_columns)
+    return run.standardize(table.features), table.kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +152,11 @@ def prediction_features(run: SavedRun, data: str) -> torch.Tensor:
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str | None = None, label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE
+    run_dir: str | Path,
+    data: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
     from toyaccel.training import release  # accelerate is slow to import
@@ -132,38 +164,39 @@ def evaluate_run(
     config = build_config(None, batch_size=batch_size, output_dir=str(run_dir))
     # Bad input fails here, on every process, before any process waits for another.
     run = load_run(run_dir)
-    dataset, description = evaluation_data(run, data, label_column)
+    dataset, description = evaluation_data(run, data, label_column, ignore_columns)
     accelerator = build_accelerator(config)
     try:
         check_world(accelerator)
         metrics = evaluate_prepared(accelerator, run.model, dataset, config)
     finally:
         release(accelerator)
-    return {"data": description, **metrics}
+    return {"data": description, "classes": run.classes.names, **metrics}
 
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     # Its own function so the prepared (DDP) model is gone before release() ends the process group.
-    from toyaccel.data import build_eval_loader
     from toyaccel.training import evaluate
 
-    model, loader = accelerator.prepare(model, build_eval_loader(dataset, config, config.batch_size))
-    return evaluate(accelerator, model, loader)
+    num_classes = model.layers[-1].out_features
+    return evaluate(accelerator, accelerator.prepare(model), dataset, num_classes, config.batch_size)
 
 
 def format_evaluation(metrics: dict[str, Any]) -> str:
     """``loss 0.016851 | accuracy 1.000 (2/2)`` and the confusion matrix, rows true and columns predicted."""
     confusion = metrics["confusion"]
+    names = metrics.get("classes") or [str(k) for k in range(len(confusion))]
     correct = sum(confusion[i][i] for i in range(len(confusion)))
-    width = max(6, *(len(str(v)) for row in confusion for v in row))
+    width = max(6, *(len(str(v)) for row in confusion for v in row), *(len(name) + 5 for name in names))
+    first = max(8, *(len(name) + 6 for name in names))
     lines = [
         f"evaluated on {metrics['data']}",
         f"loss {metrics['loss']:.6f} | accuracy {metrics['accuracy']:.4f} ({correct}/{metrics['count']})",
         "confusion matrix (rows: true class, columns: predicted class):",
-        " " * 8 + "".join(f"{'pred ' + str(j):>{width + 2}}" for j in range(len(confusion))),
+        " " * first + "".join(f"{'pred ' + name:>{width + 2}}" for name in names),
     ]
-    for i, row in enumerate(confusion):
-        lines.append(f"{'true ' + str(i):<8}" + "".join(f"{v:>{width + 2}}" for v in row))
+    for name, row in zip(names, confusion):
+        lines.append(f"{'true ' + name:<{first}}" + "".join(f"{v:>{width + 2}}" for v in row))
     return "\n".join(lines)
 
 
@@ -176,8 +209,15 @@ def class_probabilities(model: NeuralNetwork, features: torch.Tensor) -> torch.T
     return torch.softmax(model(features).double(), dim=1)
 
 
-def predict_file(run_dir: str | Path, data: str, output: str | Path, overwrite: bool = False) -> int:
-    """Write ``predicted,prob_0,...`` for every data row of ``data`` to ``output``; return the row count."""
+def predict_file(
+    run_dir: str | Path,
+    data: str,
+    output: str | Path,
+    overwrite: bool = False,
+    ignore_columns: tuple[str, ...] | None = None,
+) -> int:
+    """Write the ignored columns (ids), ``predicted`` and one ``prob_<class>`` per class for every data row
+    of ``data`` to ``output``; return the row count."""
     if launched_world_size() > 1:
         raise ToyaccelError(
             "predict runs in one process: start it with python or toyaccel-predict, not a multi-process launch"
@@ -188,20 +228,27 @@ def predict_file(run_dir: str | Path, data: str, output: str | Path, overwrite: 
     if output.is_dir():
         raise ToyaccelError(f"{output} is a directory; --output takes a file name")
     run = load_run(run_dir)
-    probabilities = class_probabilities(run.model, prediction_features(run, data))
+    features, kept = prediction_features(run, data, ignore_columns)
+    probabilities = class_probabilities(run.model, features)
+    text = predictions_csv(probabilities, run.classes.names, kept)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(output, lambda p: Path(p).write_text(predictions_csv(probabilities)))
+        write_atomic(output, lambda p: Path(p).write_text(text))
     except OSError as e:
         raise ToyaccelError(f"cannot write {output}: {e.strerror or e}") from None
     return probabilities.shape[0]
 
 
-def predictions_csv(probabilities: torch.Tensor) -> str:
-    """One row per input row: the most probable class, then each class's probability (9 digits: float32's)."""
+def predictions_csv(
+    probabilities: torch.Tensor, classes: list[str], kept: dict[str, list[str]] | None = None
+) -> str:
+    """One row per input row: the kept columns as they were, the most probable class's name, then each
+    class's probability (9 digits: float32's)."""
+    kept = kept or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["predicted", *(f"prob_{k}" for k in range(probabilities.shape[1]))])
-    for predicted, row in zip(probabilities.argmax(dim=1).tolist(), probabilities.tolist()):
-        writer.writerow([predicted, *(f"{p:.9g}" for p in row)])
+    writer.writerow([*kept, "predicted", *(f"prob_{name}" for name in classes)])
+    kept_rows = zip(*kept.values()) if kept else iter(tuple, None)
+    for ids, predicted, row in zip(kept_rows, probabilities.argmax(dim=1).tolist(), probabilities.tolist()):
+        writer.writerow([*ids, classes[predicted], *(f"{p:.9g}" for p in row)])
     return buffer.getvalue()

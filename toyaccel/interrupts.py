@@ -24,6 +24,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 CHECK_SECONDS = 0.1
 
 
+def ignore_stop_signals() -> None:
+    """For a process that has saved its checkpoint and is exiting: a repeated Ctrl-C, or a launcher's
+    copy of the signal, arriving while the interpreter shuts down would otherwise kill it (the
+    default action), and the exit code would no longer say which signal stopped the run."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequests:
     """Records the first stop signal while active (a context manager); later ones are ignored, so a
     second Ctrl-C, or the copy a launcher forwards to its workers, cannot cut a checkpoint short."""

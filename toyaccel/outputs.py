@@ -150,3 +150,22 @@ def load_model(run_dir: str | Path) -> NeuralNetwork:
     except Exception as e:  # noqa: BLE001 - truncated file, wrong keys or shapes: one line naming the file
         raise ToyaccelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def default_output_dir(data: str, resuming: bool) -> str:
+    """The folder of a run started without --output-dir: ``runs/<data>`` for the first, then
+    ``runs/<data>-2``, ``-3``, ... so the quick start can be run again; resuming, the newest of them; in
+    an elastic restart, the one this launch claimed."""
+    base = Path("runs") / (data if data in ("toy", "synthetic") else Path(data).stem or "run")
+    taken = []
+    for n in range(1, 1_000_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not path.exists() or not existing_run_files(path):
+            break
+        taken.append(path)
+    for folder in taken:
+        if restart_of_owning_launch(str(folder)):
+            return str(folder)
+    if resuming and taken:
+        return str(taken[-1])
+    return str(path)

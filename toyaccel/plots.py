@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Train and validation curves often coincide (both at accuracy 1.0): a large hollow marker under a small
+# filled one on a dashed line keeps both visible where they overlap.
+EPOCH_STYLES = (
+    {"marker": "o", "markersize": 9, "markerfacecolor": "none", "linestyle": "-", "linewidth": 2.5, "alpha": 0.8},
+    {"marker": "s", "markersize": 4, "linestyle": "--", "linewidth": 1.2},
+)
+
 
 def plot_metrics(history: list[dict[str, Any]], path: str | Path) -> bool:
     """Write the figure; return False (and write nothing) when matplotlib is not installed."""
@@ -13,24 +20,28 @@ def plot_metrics(history: list[dict[str, Any]], path: str | Path) -> bool:
 
         matplotlib.use("Agg")  # no screen needed; the figure only goes to a file
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     steps = [r for r in history if r.get("kind") == "step"]
     epochs = [r for r in history if r.get("kind") == "epoch"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss (per step)")
-    for key, label in (("train_loss", "train loss (epoch end)"), ("val_loss", "val loss (epoch end)")):
+    for key, label, style in (("train_loss", "train loss (epoch end)", EPOCH_STYLES[0]),
+                              ("val_loss", "val loss (epoch end)", EPOCH_STYLES[1])):  # fmt: skip
         points = [(r["step"], r[key]) for r in epochs if r.get(key) is not None]
         if points:
-            ax_loss.plot(*zip(*points), "o--", label=label)
+            ax_loss.plot(*zip(*points), label=label, **style)
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
     ax_loss.legend()
-    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
+    for key, label, style in (("train_acc", "train", EPOCH_STYLES[0]), ("val_acc", "validation", EPOCH_STYLES[1])):
         points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
         if points:
-            ax_acc.plot(*zip(*points), "o-", label=label)
+            ax_acc.plot(*zip(*points), label=label, **style)
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(-0.05, 1.05))
     ax_acc.legend()
+    for axis in (ax_loss.xaxis, ax_acc.xaxis):  # steps and epochs are whole numbers: no tick at 1.5
+        axis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=100)

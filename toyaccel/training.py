@@ -31,8 +31,16 @@ from toyaccel.checkpoint import (
     save_checkpoint,
     set_aside_abandoned,
 )
-from toyaccel.config import TrainConfig
-from toyaccel.data import DataBundle, build_eval_loader, build_train_loader, draw_epoch_seed, load_data
+from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, applicable_options
+from toyaccel.data import (
+    DataBundle,
+    ToyDataset,
+    build_train_loader,
+    draw_epoch_seed,
+    eval_batches,
+    load_data,
+    training_sample,
+)
 from toyaccel.device import apply_tf32, choose_placement, gpu_description
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
@@ -42,6 +50,7 @@ from toyaccel.metrics import MetricsLogger
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import (
     claim_for_this_launch,
+    default_output_dir,
     launch_id,
     prepare_output_dir,
     restart_of_owning_launch,
@@ -78,6 +87,9 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     config = config or TrainConfig()
     if overrides:
         config = config.replace(**overrides)
+    if config.output_dir is None:
+        # Chosen before the process group forms: no process creates it before every process has chosen.
+        config = config.replace(output_dir=default_output_dir(config.data, resuming=config.resume is not None))
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
     data = load_data(config)  # bad input fails here, on every process, before anything is written
     accelerator = build_accelerator(config)
@@ -95,8 +107,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle, stops
     tf32 = apply_tf32(config.tf32, accelerator.device)
     placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
     backend = accelerator.state.backend if accelerator.num_processes > 1 else None
-    accelerator.print(describe(config, accelerator, gpu_description(accelerator.device, tf32, placement, backend)))
-    train_set, val_set = placement.place(data.train), placement.place(data.val)
+    gpu = gpu_description(accelerator.device, tf32, placement, backend)
+    accelerator.print(describe(config, accelerator, data, gpu))
+    train_set = placement.place(data.train)
     train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
     fresh = fresh_state(accelerator, config, data, train_loader.batch_sampler.global_batch)
     plan = on_main_process(accelerator, decide_resume, config, fresh, accelerator.print)
@@ -104,17 +117,12 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle, stops
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    eval_loaders = {"train": build_eval_loader(train_set, config, pin_memory=placement.pin_memory)}
-    if val_set is not None:
-        eval_loaders["val"] = build_eval_loader(val_set, config, pin_memory=placement.pin_memory)
+    eval_sets = {name: placement.place(dataset) for name, dataset in evaluation_sets(config, data).items()}
 
     torch.manual_seed(config.seed)  # ...and again before building the model
     model = NeuralNetwork(data.num_features, data.num_classes, config.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    model, optimizer, train_loader, *prepared = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
-    eval_loaders = dict(zip(eval_loaders, prepared))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
     state = start_or_resume(accelerator, config, plan, fresh)
     launch_ids = gather_object([launch_id()])
@@ -137,12 +145,13 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle, stops
         train_seconds += time.perf_counter() - started
         samples_trained += (state.global_step - first_step) * state.global_batch
         state.finish_epoch()
-        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
-        logger.log(epoch_record(state, metrics))
+        due = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
+        metrics = evaluate_sets(accelerator, model, eval_sets, data.num_classes, config) if due else None
+        logger.log(epoch_record(state, metrics or {}))
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
-        metrics = {name: evaluate(accelerator, model, loader) for name, loader in eval_loaders.items()}
+        metrics = evaluate_sets(accelerator, model, eval_sets, data.num_classes, config)
     result = RunResult(
         train_accuracy=metrics["train"]["accuracy"],
         train_loss=metrics["train"]["loss"],
@@ -159,6 +168,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data: DataBundle, stops
         history=logger.history,
     )
     save_outputs(accelerator, model, config, result)
+    accelerator.print(f"saved the run in {config.output_dir}")
     return result
 
 
@@ -231,27 +241,45 @@ def train_one_epoch(
     return last_loss
 
 
+def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
+    """What each epoch end scores: the training rows (a fixed sample of them unless --eval-train full)
+    and the validation rows."""
+    sample = config.eval_train == "sample"
+    sets = {"train": training_sample(data.train, EVAL_TRAIN_SAMPLE, config.seed) if sample else data.train}
+    if data.val is not None:
+        sets["val"] = data.val
+    return sets
+
+
+def evaluate_sets(accelerator, model, sets: dict[str, ToyDataset], num_classes: int, config: TrainConfig):
+    batch_size = max(EVAL_BATCH_SIZE, config.batch_size)
+    return {name: evaluate(accelerator, model, dataset, num_classes, batch_size) for name, dataset in sets.items()}
+
+
+EVAL_BATCH_SIZE = 256
+
+
 @torch.no_grad()
-def evaluate(accelerator, model, loader) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once."""
+def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once: every process
+    scores its own share (``eval_batches``) and one all-reduce per pass sums the counts."""
     model.eval()
-    num_classes = None
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    confusion = None
-    for features, labels in loader:
+    confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
+    share = (accelerator.process_index, accelerator.num_processes)
+    for features, labels in eval_batches(dataset, batch_size, accelerator.device, *share):
         logits = model(features)
-        # gather_for_metrics drops the samples accelerate repeated to give every process a full batch.
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        if confusion is None:
-            num_classes = logits.shape[1]
-            confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     model.train()
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    totals = torch.cat([loss_sum.view(1), confusion.double()])  # counts below 2**53 stay exact as float64
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, "sum")
+    totals = totals.cpu()
+    confusion = totals[1:].long().view(num_classes, num_classes)
     count = int(confusion.sum())
     return {
-        "loss": loss_sum.item() / count,
+        "loss": totals[0].item() / count,
         "accuracy": int(confusion.diag().sum()) / count,
         "count": count,
         "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
@@ -413,24 +441,44 @@ def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
     return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
 
 
-def describe(config: TrainConfig, accelerator: Accelerator, device_details: str = "") -> str:
-    """The resolved config in one line, printed once so a log says what produced it."""
-    options = " ".join(f"{k}={v}" for k, v in config.to_dict().items())
+def describe(config: TrainConfig, accelerator: Accelerator, data: DataBundle, device_details: str = "") -> str:
+    """One line, printed once, that says what this run is: where it runs (on a GPU: TF32, where the data
+    lives), the data as read, where its files go and the options that apply."""
+    said = {"data", "val_data", "val_fraction", "output_dir", "num_classes", "num_samples", "num_features"}
+    options = " ".join(f"{k}={v}" for k, v in applicable_options(config).items() if k not in said)
     return (
         f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}{device_details} | {options}"
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}{device_details} "
+        f"| {describe_data(data)} | output {config.output_dir} | {options}"
     )
 
 
+def describe_data(data: DataBundle) -> str:
+    """``data train.csv: 150 rows, 4 features (a, b, c, d), 3 classes: setosa, versicolor, virginica; train 120,
+    val 30 (0.2 of the rows held out)``"""
+    words = f"data {data.source}: {data.rows_read} rows, {data.num_features} features ({few(data.feature_names)})"
+    words += f", {data.num_classes} classes: {few(data.classes, 10)}; train {len(data.train)}"
+    if data.val is not None:
+        words += f", val {len(data.val)} ({data.val_source})"
+    return words
+
+
+def few(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
 def run_description(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> dict[str, Any]:
-    """config.json: enough to rebuild the model and its input scaling without toyaccel's pickles."""
+    """config.json: enough to rebuild the model, its input scaling and its class names without toyaccel's
+    pickles; ``config`` holds the options that apply to this run."""
     return {
-        "config": config.to_dict(),
+        "config": applicable_options(config),
         "model": model_shape(config, data),
         "data": {
             "feature_names": data.feature_names,
             "label_column": config.label_column,
+            "ignore_columns": list(config.ignore_columns),
             "num_classes": data.num_classes,
+            "classes": data.classes,
             "mean": data.mean,
             "std": data.std,
         },
