@@ -15,12 +15,14 @@ them all alike; CPU-time figures (in the JSON, and in brackets under "targets") 
 processes held the core. The large MLP also gets GFLOP/s against a square fp32 matrix product timed
 between the same repeats, and 1 vs 2 processes (DDP over gloo, accelerate_configs/multi_cpu.yaml; the
 launches alternate). Single-process CPU rows use one thread, like each DDP worker. With a GPU, the same
-rows on it (and DDP with multi_gpu.yaml on 2+ GPUs). Beside the loops, `epoch` is what a user pays for
-one epoch of toyaccel.fit: the same loop plus its epoch-end evaluation (a validation set a quarter the
-size of the training set, and the training-set sample) and checkpoint. The CSV reader (`--parts reader`)
-reads a 200k x 32 file with toyaccel's reader and with numpy.loadtxt, taking turns, each also once in a
-fresh process for its peak memory. Last, the time from starting `python scripts/train.py` (fresh output
-dir) to its first training step's log line.
+rows on it (and DDP with multi_gpu.yaml on 2+ GPUs), except that the large MLP runs under bf16
+autocast at larger batches against a bf16 matrix product, and that the book MLP at batch 256 also
+gets per-step host synchronisations, copies to the GPU and GPU-busy time. Beside the loops, `epoch` is
+what a user pays for one epoch of toyaccel.fit: the same loop plus its epoch-end evaluation (a
+validation set a quarter the size of the training set, and the training-set sample) and checkpoint.
+The CSV reader (`--parts reader`) reads a 200k x 32 file with toyaccel's reader and with
+numpy.loadtxt, taking turns, each also once in a fresh process for its peak memory. Last, the time
+from starting `python scripts/train.py` (fresh output dir) to its first training step's log line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +65,10 @@ TARGETS = {  # the issues' targets, as ratios
     "large_mlp_vs_matmul_peak": 0.85,
     "ddp2_vs_1_process": 1.6,
 }
+# On a GPU the large MLP runs under bf16 autocast against the bf16 matmul rate (issue 12).
+DEVICE_TARGETS = {"cuda": {"large_mlp_vs_matmul_peak": 0.6}}
+# Mixed precision of the large MLP's rows: fp32 on CPU; bf16 on a GPU, where fp32 leaves the tensor cores idle.
+LARGE_PRECISION = {"cpu": "no", "cuda": "bf16"}
 READER_TARGETS = {"reader_vs_loadtxt_time": 1.5, "reader_peak_vs_tensor": 3.0}  # at most
 FIRST_STEP_LINE = re.compile(r"\bstep 1\b")
 
@@ -89,9 +96,15 @@ def seeded_model(hidden, device):
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
+def autocast(device, precision: str):
+    """What Accelerate's prepared model does under --mixed-precision bf16, for the loops without it."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 class BookLoop:
-    def __init__(self, features, labels, hidden, batch_size, device):
+    def __init__(self, features, labels, hidden, batch_size, device, precision="no"):
         self.device = torch.device(device)
+        self.precision = precision
         self.model, self.optimizer = seeded_model(hidden, self.device)
         self.loader = DataLoader(BookDataset(features, labels), batch_size=batch_size, shuffle=True, drop_last=True)
 
@@ -100,7 +113,9 @@ class BookLoop:
         model.train()
         for features, labels in self.loader:
             features, labels = features.to(self.device), labels.to(self.device)
-            loss = F.cross_entropy(model(features), labels)
+            with autocast(self.device, self.precision):
+                logits = model(features)
+            loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -109,7 +124,8 @@ class BookLoop:
 
 
 class CeilingLoop:
-    def __init__(self, features, labels, hidden, batch_size, device):
+    def __init__(self, features, labels, hidden, batch_size, device, precision="no"):
+        self.device, self.precision = device, precision
         self.model, self.optimizer = seeded_model(hidden, device)
         order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(SEED))
         order = order[: labels.shape[0] // batch_size * batch_size]
@@ -120,7 +136,9 @@ class CeilingLoop:
         model, optimizer = self.model, self.optimizer
         model.train()
         for features, labels in self.batches:
-            loss = F.cross_entropy(model(features), labels)
+            with autocast(self.device, self.precision):
+                logits = model(features)
+            loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -143,14 +161,16 @@ def forced_cpu(device: str):
 
 
 @contextlib.contextmanager
-def device_accelerator(device: str, output_dir: str):
-    """One Accelerator (built as toyaccel.fit builds it) for all of a device's toyaccel loops: setting
-    one up costs ~0.5 s, and a launched worker cannot set its process group up a second time."""
-    from toyaccel.launch import build_accelerator
-    from toyaccel.training import release
+def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"):
+    """One Accelerator (built as toyaccel.fit builds it, TF32 on where the GPU has it) for a device's
+    toyaccel loops of one precision: setting one up costs ~0.5 s, and a launched worker cannot set its
+    process group up a second time."""
+    from toyaccel.device import apply_tf32
+    from toyaccel.training import build_accelerator, release
 
     with forced_cpu(device):
-        accelerator = build_accelerator(TrainConfig(output_dir=output_dir))
+        accelerator = build_accelerator(TrainConfig(output_dir=output_dir, mixed_precision=mixed_precision))
+    apply_tf32(True, accelerator.device)
     try:
         yield accelerator
     finally:
@@ -166,11 +186,14 @@ class PreparedLoop:
     def __init__(self, dataset, config, model, optimizer, accelerator, output_dir, log_every=None):
         from toyaccel.checkpoint import TrainerState
         from toyaccel.data import build_train_loader
+        from toyaccel.device import choose_placement
         from toyaccel.metrics import MetricsLogger
 
         self.config = config
         self.accelerator = accelerator
-        loader = build_train_loader(dataset, self.config, self.accelerator.num_processes)
+        # The data lives where toyaccel.fit would keep it (--data-placement; on a GPU when it fits).
+        where = choose_placement([dataset], accelerator.device, config.num_workers, config.data_placement)
+        loader = build_train_loader(where.place(dataset), config, accelerator.num_processes, where.pin_memory)
         self.sampler = loader.batch_sampler
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.state = TrainerState(global_batch=self.sampler.global_batch, world_size=self.accelerator.num_processes)
@@ -200,11 +223,11 @@ class PreparedLoop:
 class ToyaccelLoop(PreparedLoop):
     """The MLP under toyaccel's loop."""
 
-    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir, placement="auto"):
         config = TrainConfig(
             data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
             hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
-            output_dir=output_dir,
+            output_dir=output_dir, data_placement=placement,
         )  # fmt: skip
         model, optimizer = seeded_model(hidden, "cpu")
         super().__init__(ToyDataset(features, labels), config, model, optimizer, accelerator, output_dir)
@@ -235,12 +258,16 @@ class EpochLoop(ToyaccelLoop):
 
 
 class MatmulPeak:
-    """Square fp32 matrix products of the large MLP's width: the best a dense layer can do here."""
+    """Square matrix products of the large MLP's width, in its precision (fp32 or bf16): the best a
+    dense layer can do here."""
 
-    def __init__(self, size, device, seconds=0.3, dtype=torch.float32):
+    def __init__(self, size, device, seconds=0.3, precision="no"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.a = torch.randn(size, size, device=device, dtype=dtype)
         self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.flops_per_product = 2 * size**3
+        torch.mm(self.a, self.b)  # the first product pays for library set-up (cuBLAS handles, heuristics)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(self.a, self.b)
         synchronize(device)
@@ -303,21 +330,24 @@ def summary(wall: list[float], cpu: list[float] | None = None) -> dict:
 
 
 def loop_group(features, labels, model_name, hidden, batch_size, accelerator, args, work_dir) -> list[dict]:
-    device = accelerator.device.type
+    device, precision = accelerator.device.type, accelerator.mixed_precision
     loops = {
-        "book": BookLoop(features, labels, hidden, batch_size, device),
+        "book": BookLoop(features, labels, hidden, batch_size, device, precision),
         "toyaccel": ToyaccelLoop(
             features, labels, hidden, batch_size, accelerator, f"{work_dir}/{model_name}-{batch_size}"
         ),
-        "ceiling": CeilingLoop(features, labels, hidden, batch_size, device),
+        "ceiling": CeilingLoop(features, labels, hidden, batch_size, device, precision),
     }
     large = model_name == "large"
     if not large:
         loops["epoch"] = EpochLoop(features, labels, hidden, batch_size, accelerator, f"{work_dir}/epoch-{batch_size}")
     if large:  # measured between the same repeats, so the peak sees the same neighbours
-        loops["matmul_peak"] = MatmulPeak(max(hidden), device, args.peak_seconds)
+        loops["matmul_peak"] = MatmulPeak(max(hidden), device, args.peak_seconds, precision)
+    steps = None
     try:
         wall, cpu = measure(loops, device, args.warmup, args.repeats_large if large else args.repeats)
+        if device == "cuda" and model_name == "book" and batch_size == 256:
+            steps = gpu_step_profile(loops["toyaccel"], batch_size)
     finally:
         for name in ("toyaccel", "epoch"):
             if name in loops:
@@ -327,12 +357,16 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
     rows = []
     for name in [*LOOPS, "epoch"] if not large else LOOPS:
         row = {"model": model_name, "hidden": list(hidden), "device": device, "processes": 1, "batch_size": batch_size}
-        row.update(loop=name, samples=labels.shape[0], launched=False, **summary(wall[name], cpu[name]))
+        row.update(loop=name, samples=labels.shape[0], launched=False, precision=precision)
+        row.update(summary(wall[name], cpu[name]))
+        if name == "toyaccel" and steps:
+            row["steps"] = steps
         row["gflops"] = row["samples_per_s"] * flops_per_sample(hidden) / 1e9
         rows.append(row)
     if large:
         peak = {"model": "matmul", "size": max(hidden), "device": device, "processes": 1, "batch_size": batch_size}
-        peak.update(loop="matmul_peak", launched=False, **summary(wall["matmul_peak"], cpu["matmul_peak"]))
+        peak.update(loop="matmul_peak", launched=False, precision=precision)
+        peak.update(summary(wall["matmul_peak"], cpu["matmul_peak"]))
         peak["gflops"] = peak["samples_per_s"] * loops["matmul_peak"].flops_per_product / 1e9
         for row in rows:
             # flops per sample / flops per product turns a ratio of rates into a ratio of GFLOP/s.
@@ -346,14 +380,60 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
 
 def loop_rows(args, device: str, work_dir: str) -> list[dict]:
     rows = []
-    with device_accelerator(device, work_dir) as accelerator:
-        models = (("book", (30, 20), args.samples), ("large", args.large_hidden, args.large_samples))
-        for model_name, hidden, samples in models:
+    for model_name, hidden, samples, batch_sizes, precision in loop_plan(args, device):
+        with device_accelerator(device, work_dir, precision) as accelerator:
             features, labels = dataset(samples)
-            for b in args.batch_sizes:
+            for b in batch_sizes:
                 print(f"{device} {model_name} MLP, batch {b} ...", file=sys.stderr, flush=True)
                 rows += loop_group(features, labels, model_name, hidden, b, accelerator, args, work_dir)
     return rows
+
+
+def loop_plan(args, device: str) -> list[tuple]:
+    """(model, hidden, samples, batch sizes, mixed precision) of each group of loops on ``device``.
+    A GPU needs far larger batches than a CPU before the large MLP's matmuls outweigh launching them."""
+    large = (args.large_samples, args.batch_sizes) if device == "cpu" else (args.gpu_large_samples,
+                                                                             args.gpu_large_batch_sizes)  # fmt: skip
+    return [("book", (30, 20), args.samples, args.batch_sizes, "no"),
+            ("large", args.large_hidden, *large, LARGE_PRECISION.get(device, "no"))]  # fmt: skip
+
+
+def host_syncs_per_epoch(loop) -> tuple[int, int]:
+    """Host synchronisations (torch's CUDA sync debug mode reports each one) in one epoch of ``loop``,
+    and the epoch's optimizer steps."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            samples = loop.epoch()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return syncs, samples // loop.config.batch_size
+
+
+def gpu_step_profile(loop, batch_size: int) -> dict:
+    """Does a step ever wait for the host? Per step of one epoch: host synchronisations, wall time,
+    and the time the GPU spent in kernels and copies (torch.profiler); a GPU busy all the wall time
+    would be the device's limit, a gap the host's (launching, Python) but not a wait on a copy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    syncs, steps = host_syncs_per_epoch(loop)
+    figures = {"host_syncs_per_step": syncs / steps, "steps": steps, "batch_size": batch_size}
+    synchronize("cuda")
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            loop.epoch()
+            synchronize("cuda")
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+    except RuntimeError as e:  # no CUPTI, say: the sync count above still stands
+        return {**figures, "profiler_error": str(e).splitlines()[0]}
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    copies = sum(e.count for e in events if "Memcpy HtoD" in e.key)
+    return {**figures, "wall_us_per_step": wall / steps * 1e6, "gpu_busy_us_per_step": busy_us / steps,
+            "gpu_busy_of_wall": busy_us / (wall * 1e6), "copies_to_device_per_step": copies / steps}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,12 +604,14 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
 
 
 def gpt_fast_row(args, cfg: dict, work_dir: str, device: str = "cuda", compile: bool = True) -> dict:
+    from toyaccel.device import apply_tf32
     from toyaccel.launch import build_accelerator
     from toyaccel.training import release
 
     options = {"mixed_precision": "bf16", "compile": compile}
     with forced_cpu(device):
         accelerator = build_accelerator(TrainConfig(model="gpt", output_dir=work_dir, **options))
+    apply_tf32(True, accelerator.device)  # as toyaccel.fit does (its default --tf32)
     try:
         batch = args.gpt_gpu_batch_size if device == "cuda" else args.gpt_batch_size
         ids = gpt_tokens(args.gpt_steps * batch * cfg["context_length"] + 1)
@@ -541,7 +623,7 @@ def gpt_fast_row(args, cfg: dict, work_dir: str, device: str = "cuda", compile: 
             loop.close()
     finally:
         release(accelerator)
-    peak = MatmulPeak(8192 if device == "cuda" else 512, device, dtype=torch.bfloat16)
+    peak = MatmulPeak(8192 if device == "cuda" else 512, device, precision="bf16")
     rates = []
     for _ in range(3):
         products, seconds, _ = timed(peak, device)
@@ -797,6 +879,9 @@ def ratios(rows: list[dict], device: str) -> dict:
     peaks = [r["gflops"] for r in rows if r["device"] == device and r["loop"] == "matmul_peak"]
     if peaks:
         out["matmul_peak_gflops"] = max(peaks)
+    steps = [r["steps"] for r in rows if r["device"] == device and r.get("steps")]
+    if steps:
+        out["steps"] = steps[0]
     for batch_size, one, many in ddp_pairs(rows, device):
         out[f"ddp{many['processes']}_vs_1_process_b{batch_size}"] = many["samples_per_s"] / one["samples_per_s"]
         out["ddp2_vs_1_process"] = many["samples_per_s"] / one["samples_per_s"]  # the largest batch's
@@ -820,12 +905,12 @@ def fmt_rate(rate) -> str:
     return "-" if rate is None else f"{rate / 1000:,.1f}k"
 
 
-def loop_table(rows: list[dict], device: str, batch_sizes: list[int]) -> list[str]:
+def loop_table(rows: list[dict], device: str) -> list[str]:
     lines = ["| model (hidden) | batch | book loop | toyaccel | ceiling | toyaccel / book | toyaccel / ceiling "
              "| toyaccel GFLOP/s | of matmul peak | whole epoch | epoch / book | noise |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for model in ("book", "large"):
-        for b in batch_sizes:
+        for b in sorted({r["batch_size"] for r in rows if r["device"] == device and r["model"] == model}):
             got = {loop: find(rows, device=device, model=model, batch_size=b, loop=loop, launched=False)
                    for loop in LOOPS}  # fmt: skip
             if not all(got.values()):
@@ -838,13 +923,29 @@ def loop_table(rows: list[dict], device: str, batch_sizes: list[int]) -> list[st
             if epoch:
                 epoch_cells = f"{fmt_rate(epoch['samples_per_s'])} | {epoch['samples_per_s'] / rate['book']:.2f}x"
             lines.append(
-                f"| {model} ({','.join(map(str, toyaccel['hidden']))}) | {b} | {fmt_rate(rate['book'])} "
+                f"| {model} ({','.join(map(str, toyaccel['hidden']))}){precision_note(toyaccel)} | {b} "
+                f"| {fmt_rate(rate['book'])} "
                 f"| {fmt_rate(rate['toyaccel'])} | {fmt_rate(rate['ceiling'])} "
                 f"| {rate['toyaccel'] / rate['book']:.2f}x | {rate['toyaccel'] / rate['ceiling']:.2f} "
                 f"| {toyaccel['gflops']:.1f} | {'-' if of_peak is None else f'{of_peak:.2f}'} | {epoch_cells} "
                 f"| {max(got[loop]['spread'] for loop in LOOPS):.0%} |"
             )
     return lines
+
+
+def steps_line(steps: dict, device: str) -> str:
+    """Whether the GPU ever waits for the host: synchronisations and copies per step, GPU vs wall time."""
+    line = (f"book MLP, batch {steps['batch_size']}, toyaccel loop on {device}, per step: "
+            f"{steps['host_syncs_per_step']:.3f} host synchronisations")  # fmt: skip
+    if "profiler_error" in steps:
+        return f"{line}; no profile ({steps['profiler_error']})"
+    return (f"{line}, {steps['copies_to_device_per_step']:.3f} copies to the device, wall "
+            f"{steps['wall_us_per_step']:.0f} us, GPU busy {steps['gpu_busy_us_per_step']:.0f} us "
+            f"({steps['gpu_busy_of_wall']:.0%} of wall)")  # fmt: skip
+
+
+def precision_note(row: dict) -> str:
+    return "" if row.get("precision", "no") == "no" else f" {row['precision']}"
 
 
 def ddp_table(rows: list[dict], device: str) -> list[str]:
@@ -863,10 +964,14 @@ def table(result: dict) -> str:
         if any(r["device"] == device and not r["launched"] for r in rows):
             lines += [f"\n{device}, one process, one thread: samples/s, median of the repeats (noise: the largest "
                       "(max - min) / median of the row's three loops)", ""]  # fmt: skip
-            lines += loop_table(rows, device, result["batch_sizes"])
+            lines += loop_table(rows, device)
         peak = result["ratios"][device].get("matmul_peak_gflops")
         if peak:
-            lines.append(f"\nmatmul peak ({device}, one thread): {peak:.1f} GFLOP/s")
+            precision = LARGE_PRECISION.get(device, "no").replace("no", "fp32")
+            lines.append(f"\nmatmul peak ({device}, {precision}, one thread): {peak:.1f} GFLOP/s")
+        steps = result["ratios"][device].get("steps")
+        if steps:
+            lines.append(steps_line(steps, device))
         if ddp_pairs(rows, device):
             lines += ["", f"DDP, large MLP, toyaccel loop, {device}, one thread per process:", ""]
             lines += ddp_table(rows, device)
@@ -883,7 +988,7 @@ def table(result: dict) -> str:
     lines.append("\ntargets (ratios of this run's medians; in brackets: the same from CPU time):")
     for device in result["devices"]:
         got = result["ratios"][device]
-        for name, target in TARGETS.items():
+        for name, target in {**TARGETS, **DEVICE_TARGETS.get(device, {})}.items():
             if got.get(name) is None:
                 continue
             cpu = got.get(name + "_cpu")
@@ -924,6 +1029,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="32,256,1024")
     p.add_argument("--large-hidden", default="2048,2048", help="hidden sizes of the large MLP")
     p.add_argument("--large-samples", type=int, default=8192, help="large MLP: samples per epoch (first rows)")
+    p.add_argument("--gpu-large-samples", type=int, default=262144, help="large MLP on a GPU: samples per epoch")
+    p.add_argument("--gpu-large-batch-sizes", default="1024,8192,32768", help="large MLP on a GPU (bf16)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs before the repeats")
     p.add_argument("--peak-seconds", type=float, default=0.3, help="length of one timed run of matrix products")
     p.add_argument("--repeats", type=int, default=9, help="timed epochs per loop, book MLP")
@@ -949,10 +1056,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.samples, args.large_samples, args.ddp_samples, args.peak_seconds = 2048, 512, 512, 0.05
         args.batch_sizes, args.large_hidden, args.ddp_batch_sizes = "32,256", "256,256", "128"
+        args.gpu_large_samples, args.gpu_large_batch_sizes = 4096, "256,1024"
         args.repeats = args.repeats_large = args.ddp_repeats = args.ddp_rounds = args.startup_repeats = 1
         args.gpt_batch_size, args.gpt_steps, args.gpt_repeats = 4, 3, 1
         args.reader_rows, args.reader_repeats = 5000, 1
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.gpu_large_batch_sizes = [int(b) for b in args.gpu_large_batch_sizes.split(",")]
     args.ddp_batch_sizes = [int(b) for b in args.ddp_batch_sizes.split(",")]
     args.large_hidden = parse_hidden(args.large_hidden)
     args.parts = set(args.parts.split(","))

@@ -53,6 +53,7 @@ SECTIONS = {
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
                   "warmup_steps", "max_grad_norm"),
 }  # fmt: skip
+DATA_PLACEMENTS = ("auto", "device", "host")
 
 
 def _opt(default: Any, help: str, **extra: Any):
@@ -122,6 +123,11 @@ class TrainConfig:
         None, "no | bf16 | fp16 (default: what the accelerate config says)", choices=MIXED_PRECISION
     )
     compile: bool = _opt(False, "torch.compile the model (same results within tolerance, slower start)")
+    tf32: bool = _opt(True, "TF32 matmuls on GPUs that have them (Ampere+); --no-tf32 for exact fp32")
+    data_placement: str = _opt(
+        "auto", "on a GPU: keep the data on it (device) or in pinned host memory (host); auto: on it when it "
+        "fits in a quarter of its free memory", choices=DATA_PLACEMENTS,
+    )  # fmt: skip
     # --- outputs ------------------------------------------------------------------------------
     output_dir: str | None = _opt(
         None,

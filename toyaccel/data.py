@@ -40,11 +40,22 @@ class ToyDataset(Dataset):
     def __getitems__(self, indices):
         # index_select copies whole rows; advanced indexing (features[indices]) gathers element by
         # element and costs ~5x more on a shuffled batch (~150 vs ~30 us for 256 x 32 floats).
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        # On a GPU the training sampler's indices are already there (no copy); lists move with the data.
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.features.device)
         return self.features.index_select(0, indices), self.labels.index_select(0, indices)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+
+def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
+    """A dataset's tensor attributes (features and labels; token ids and window starts): what moves
+    when the dataset is kept on a GPU."""
+    return {name: value for name, value in vars(dataset).items() if isinstance(value, torch.Tensor)}
+
+
+def dataset_device(dataset) -> torch.device:
+    return next((t.device for t in dataset_tensors(dataset).values()), torch.device("cpu"))
 
 
 def keep_batch(batch):
@@ -612,10 +623,11 @@ class EpochBatchSampler:
 
     drop_last = True  # read by accelerate: never pad training batches with repeated samples
 
-    def __init__(self, num_samples: int, batch_size: int, global_batch: int):
+    def __init__(self, num_samples: int, batch_size: int, global_batch: int, device: torch.device | str = "cpu"):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.global_batch = global_batch
+        self.device = torch.device(device)  # where the data is: batches are index tensors there
         self.epoch_seed: int | None = None
         self.start = 0
 
@@ -638,12 +650,14 @@ class EpochBatchSampler:
         if self.epoch_seed is None:
             raise RuntimeError("start_epoch() must be called before iterating")
         generator = torch.Generator().manual_seed(self.epoch_seed)
-        order = torch.randperm(self.num_samples, generator=generator)
+        # Drawn on the CPU whatever the device, so the order is the same everywhere; then one copy per
+        # epoch, so that no step waits for its indices.
+        order = torch.randperm(self.num_samples, generator=generator).to(self.device)
         end = self.start + self.steps_in_epoch() * self.global_batch
         return iter(order[self.start : end].split(self.batch_size))
 
 
-def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig) -> DataLoader:
+def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig, pin_memory: bool = False) -> DataLoader:
     # A private generator: the DataLoader draws a base seed per iteration and must not take it from
     # the global RNG, which decides the model init and the epoch order (see draw_epoch_seed).
     return DataLoader(
@@ -651,6 +665,7 @@ def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig) -> DataLoad
         batch_sampler=batch_sampler,
         collate_fn=keep_batch,
         num_workers=config.num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(config.seed),
     )
 
@@ -666,9 +681,10 @@ class TensorBatches:
     passes it through unchanged."""
 
     def __init__(self, dataset: ToyDataset, batch_sampler: EpochBatchSampler, process_index: int,
-                 num_processes: int, device: torch.device):  # fmt: skip
+                 num_processes: int, device: torch.device, pin_memory: bool = False):  # fmt: skip
         self.dataset, self.batch_sampler = dataset, batch_sampler
         self.process_index, self.num_processes, self.device = process_index, num_processes, device
+        self.pin_memory = pin_memory  # host rows for a GPU: pinned, so the copy does not block the CPU
 
     def __len__(self) -> int:
         return len(self.batch_sampler) // self.num_processes
@@ -679,7 +695,10 @@ class TensorBatches:
         # GATHER_BATCHES batches instead of per batch (~16 us of ~19 a batch), at the price of a copy of
         # that many batches' rows.
         while chunk := list(itertools.islice(mine, GATHER_BATCHES)):
-            features, labels = to_device(self.dataset.__getitems__(torch.cat(chunk)), self.device)
+            rows = self.dataset.__getitems__(torch.cat(chunk))
+            if self.pin_memory:
+                rows = tuple(t.pin_memory() for t in rows)
+            features, labels = to_device(rows, self.device)
             start = 0
             for indices in chunk:
                 end = start + len(indices)
@@ -693,7 +712,9 @@ def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) ->
     return features.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int) -> DataLoader | TensorBatches:
+def build_train_loader(
+    dataset: ToyDataset, config: TrainConfig, world_size: int, pin_memory: bool = False
+) -> DataLoader | TensorBatches:
     global_batch = world_size * config.batch_size * config.grad_accum
     if len(dataset) < global_batch:
         raise ToyaccelError(
@@ -705,14 +726,15 @@ def build_train_loader(dataset: ToyDataset, config: TrainConfig, world_size: int
     from accelerate.state import PartialState  # slow to import: predict needs only the readers above
     from accelerate.utils import DistributedType
 
-    sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch)
+    # The sampler's indices live where the data does (on a GPU when it fits there: toyaccel.device).
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch, dataset_device(dataset))
     state = PartialState()  # the process and device of the Accelerator in use
     # Worker processes, and the backends whose loaders accelerate itself must wrap, keep the DataLoader.
     if config.num_workers or state.distributed_type in (
         DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM
     ):  # fmt: skip
-        return _loader(dataset, sampler, config)
-    return TensorBatches(dataset, sampler, state.process_index, world_size, state.device)
+        return _loader(dataset, sampler, config, pin_memory)
+    return TensorBatches(dataset, sampler, state.process_index, world_size, state.device, pin_memory)
 
 
 def eval_batches(dataset: ToyDataset, batch_size: int, device: torch.device, process_index: int = 0,

@@ -59,12 +59,15 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from toyaccel.device import dataloader_configuration
+
     # A multi-process launch on a machine without CUDA would otherwise give N processes that each
     # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
     multi_process = launched_world_size() > 1
     try:
         accelerator = Accelerator(
             cpu=multi_process and not torch.cuda.is_available(),
+            dataloader_config=dataloader_configuration(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             dynamo_backend="inductor" if config.compile else None,

@@ -311,7 +311,9 @@ class TextWindows:
         return inputs[0], targets[0]
 
     def __getitems__(self, indices):
-        rows = self.tokens[self.starts[torch.as_tensor(indices, dtype=torch.long)].unsqueeze(1) + self.offsets]
+        # The sampler's indices are already where the tokens are (on a GPU: toyaccel.device); lists move.
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.starts.device)
+        rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets]
         return rows[:, :-1], rows[:, 1:]
 
 

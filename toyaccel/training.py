@@ -33,6 +33,7 @@ from toyaccel.checkpoint import (
 )
 from toyaccel.config import TrainConfig, applicable_options
 from toyaccel.data import build_train_loader, draw_epoch_seed
+from toyaccel.device import apply_tf32, choose_placement, gpu_description
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
 from toyaccel.interrupts import StopRequests
@@ -104,15 +105,20 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
 def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopRequests) -> RunResult:
     workload = get_workload(config.model)
     check_world(accelerator)
-    accelerator.print(describe(config, accelerator, data))
-    train_loader = build_train_loader(data.train, config, accelerator.num_processes)
+    tf32 = apply_tf32(config.tf32, accelerator.device)
+    placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
+    backend = accelerator.state.backend if accelerator.num_processes > 1 else None
+    gpu = gpu_description(accelerator.device, tf32, placement, backend)
+    accelerator.print(describe(config, accelerator, data, gpu))
+    train_set = placement.place(data.train)
+    train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
     fresh = fresh_state(accelerator, config, data, train_loader.batch_sampler.global_batch)
     plan = on_main_process(accelerator, decide_resume, config, fresh, accelerator.print)
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     sampler = train_loader.batch_sampler
-    score = workload.evaluator(accelerator, config, data)
+    score = workload.evaluator(accelerator, config, data, placement)
 
     torch.manual_seed(config.seed)  # ...and again before building the model
     model = workload.build_model(config, data)
@@ -189,7 +195,7 @@ def train_one_epoch(
     plain = stepper is not optimizer and accelerator.gradient_accumulation_steps == 1
     plain = plain and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
-    backward = torch.Tensor.backward if plain else accelerator.backward
+    backward = stepper.backward if plain else accelerator.backward
     workload = get_workload(config.model)
     own_rng = own_random_stream if workload.uses_dropout(config) else None
     logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
@@ -306,16 +312,43 @@ def own_random_stream(seed: int, process_index: int, global_step: int, micro_ste
 
 
 def optimizer_to_step(accelerator: Accelerator, optimizer):
-    """The optimizer the loop should call ``step``/``zero_grad`` on.
+    """What the loop calls ``step``/``zero_grad`` (and, with one micro-step per step, ``backward``) on.
 
     AcceleratedOptimizer costs ~50 us a step in package look-ups (shared/notes/perf-findings.md),
     a third of a small model's step. Its other jobs are the fp16 gradient scaler, XLA, and skipping
-    steps while accumulating; we step only when ``sync_gradients`` is set, so without a scaler or
-    XLA the wrapped optimizer is exactly equivalent.
+    steps while accumulating; we step only when ``sync_gradients`` is set, so outside XLA stepping
+    the wrapped optimizer directly, through the scaler under fp16, is exactly equivalent.
     """
-    if accelerator.scaler is None and accelerator.distributed_type != DistributedType.XLA:
-        return optimizer.optimizer
-    return optimizer
+    if accelerator.distributed_type == DistributedType.XLA:
+        return optimizer
+    return DirectStepper(optimizer.optimizer, accelerator.scaler)
+
+
+class DirectStepper:
+    """The optimizer, stepped as AcceleratedOptimizer steps it when gradients are in sync: through
+    the GradScaler under fp16 (its one host synchronisation per step, the inf check, is the only one
+    on that path), plainly otherwise."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler=None):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """accelerator.backward with nothing to accumulate: scale the loss under fp16."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,16 +436,15 @@ def interrupted(accelerator, signum: int, path: Path, state: TrainerState, epoch
     return Interrupted(signum, message)
 
 
-def describe(config: TrainConfig, accelerator: Accelerator, data) -> str:
-    """One line, printed once, that says what this run is: where it runs, the data as read, where its files
-    go and the options that apply."""
+def describe(config: TrainConfig, accelerator: Accelerator, data, device_details: str = "") -> str:
+    """One line, printed once, that says what this run is: where it runs (on a GPU: TF32, where the data
+    lives), the data as read, where its files go and the options that apply."""
     said = {"data", "val_data", "val_fraction", "output_dir", "num_classes", "num_samples", "num_features"}
     options = " ".join(f"{k}={v}" for k, v in applicable_options(config).items() if k not in said)
     return (
         f"toyaccel: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision} | "
-        f"{get_workload(config.model).describe_data(data)} "
-        f"| output {config.output_dir} | {options}"
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}{device_details} "
+        f"| {get_workload(config.model).describe_data(data)} | output {config.output_dir} | {options}"
     )
 
 
@@ -452,4 +484,3 @@ def release(accelerator: Accelerator) -> None:
     accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-

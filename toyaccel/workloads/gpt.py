@@ -49,11 +49,13 @@ def uses_dropout(config: TrainConfig) -> bool:
     return config.drop_rate > 0
 
 
-def evaluator(accelerator, config: TrainConfig, data: TextBundle):
-    """What scores the model at an epoch's end: every training and validation window once. The windows go
-    through a prepared loader (gather_for_metrics trims accelerate's padding), not the MLP's row shares:
-    its per-window sums make the figures the same for any number of processes."""
+def evaluator(accelerator, config: TrainConfig, data: TextBundle, placement):
+    """What scores the model at an epoch's end: every training and validation window once, kept where
+    ``placement`` keeps the training tokens. The windows go through a prepared loader (gather_for_metrics
+    trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
+    for any number of processes."""
     sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
+    sets = {name: placement.place(windows) for name, windows in sets.items()}
     loaders = {name: accelerator.prepare(eval_loader(windows, config)) for name, windows in sets.items()}
     return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
 
