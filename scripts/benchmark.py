@@ -670,6 +670,8 @@ def launch_workers(config_file: str, spec: dict, timeout: float) -> dict:
                "--main_process_port", str(free_port()), __file__,
                "--worker", json.dumps({**spec, "output_dir": tmp}), "--output", result_path]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        # multi_cpu.yaml runs mpirun, which refuses to start as root (containers, CI) without these.
+        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
