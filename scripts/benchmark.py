@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
 from toyaccel.data import ToyDataset, synthetic_blobs  # noqa: E402
+from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
 from toyaccel.model import NeuralNetwork  # noqa: E402
 
 NUM_FEATURES, NUM_CLASSES, SEED = 32, 4, 123
@@ -671,7 +672,7 @@ def launch_workers(config_file: str, spec: dict, timeout: float) -> dict:
                "--worker", json.dumps({**spec, "output_dir": tmp}), "--output", result_path]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         # multi_cpu.yaml runs mpirun, which refuses to start as root (containers, CI) without these.
-        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+        env.update(MPI_AS_ROOT_ENV)
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

