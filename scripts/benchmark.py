@@ -6,7 +6,8 @@
 
 On the same synthetic data (64k samples x 32 features x 4 classes) it times one epoch of:
   book      the book's loop: per-sample Dataset.__getitem__, default DataLoader(shuffle=True), plain PyTorch;
-  toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on prepared objects);
+  toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on what set_up_training,
+            train()'s own set-up, prepares);
   ceiling   the same model and SGD over pre-sliced batch tensors: no loader, no Accelerate;
 for the book's MLP (hidden 30,20) and a large MLP (2048,2048; its epoch is the first 8k rows) whose
 matrix products dominate, at batch sizes 32, 256, 1024. Every figure is the median samples/s of
@@ -52,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
-from toyaccel.data import ToyDataset, synthetic_blobs  # noqa: E402
+from toyaccel.data import DataBundle, ToyDataset, synthetic_blobs  # noqa: E402
 from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
 from toyaccel.model import NeuralNetwork  # noqa: E402
 
@@ -179,25 +180,21 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
 
 
 class PreparedLoop:
-    """toyaccel's training loop for any workload, set up as toyaccel.training.train() sets it up (minus
-    outputs). ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
+    """toyaccel's training loop for any workload, set up by toyaccel.training.set_up_training as train() sets
+    it up (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
+    prepared. ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
 
     tokens_per_sample = 1
 
-    def __init__(self, dataset, config, model, optimizer, accelerator, output_dir, log_every=None):
-        from toyaccel.checkpoint import TrainerState
-        from toyaccel.data import build_train_loader
-        from toyaccel.device import choose_placement
+    def __init__(self, data, config, accelerator, output_dir, log_every=None):
         from toyaccel.metrics import MetricsLogger
+        from toyaccel.training import set_up_training
 
         self.config = config
         self.accelerator = accelerator
-        # The data lives where toyaccel.fit would keep it (--data-placement; on a GPU when it fits).
-        where = choose_placement([dataset], accelerator.device, config.num_workers, config.data_placement)
-        loader = build_train_loader(where.place(dataset), config, accelerator.num_processes, where.pin_memory)
-        self.sampler = loader.batch_sampler
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
-        self.state = TrainerState(global_batch=self.sampler.global_batch, world_size=self.accelerator.num_processes)
+        run = set_up_training(accelerator, config, data)
+        self.model, self.optimizer, self.loader = run.model, run.optimizer, run.train_loader
+        self.sampler, self.state = run.sampler, run.state
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
             self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
@@ -230,8 +227,8 @@ class ToyaccelLoop(PreparedLoop):
             hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
             output_dir=output_dir, data_placement=placement,
         )  # fmt: skip
-        model, optimizer = seeded_model(hidden, "cpu")
-        super().__init__(ToyDataset(features, labels), config, model, optimizer, accelerator, output_dir)
+        data = DataBundle(ToyDataset(features, labels), None, NUM_FEATURES, NUM_CLASSES, [])
+        super().__init__(data, config, accelerator, output_dir)
 
 
 class EpochLoop(ToyaccelLoop):
@@ -484,17 +481,13 @@ class GPTLoop(PreparedLoop):
     """toyaccel's GPT in toyaccel's loop, one log line per step (its losses are compared with the book's)."""
 
     def __init__(self, ids, cfg, batch_size, accelerator, output_dir, **options):
-        from toyaccel.text import TextWindows
-        from toyaccel.training import build_optimizer
-        from toyaccel.workloads import gpt
+        from toyaccel.text import ByteTokenizer, TextBundle, TextWindows
 
         config = TrainConfig(model="gpt", data="synthetic", batch_size=batch_size, seed=SEED, progress=False,
                              plot=False, output_dir=output_dir, **cfg, **options)  # fmt: skip
-        torch.manual_seed(SEED)
-        model = gpt.build_model(config, None)
-        optimizer = build_optimizer(config, model)
         context = cfg["context_length"]
-        super().__init__(TextWindows(ids, context, context), config, model, optimizer, accelerator, output_dir, 1)
+        data = TextBundle(TextWindows(ids, context, context), None, ByteTokenizer(), "the synthetic text")
+        super().__init__(data, config, accelerator, output_dir, 1)
         self.tokens_per_sample = context
 
     @property

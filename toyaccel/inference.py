@@ -29,7 +29,7 @@ from toyaccel.data import (
     saved_classes,
 )
 from toyaccel.errors import ToyaccelError
-from toyaccel.launch import build_accelerator, check_world, launched_world_size
+from toyaccel.launch import launched_world_size
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
 from toyaccel.workloads import workload_of_run
@@ -170,7 +170,7 @@ def evaluate_run(
     ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import release  # accelerate is slow to import
+    from toyaccel.training import on_accelerator  # accelerate is slow to import
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
@@ -179,20 +179,17 @@ def evaluate_run(
     # Bad input fails here, on every process, before any process waits for another.
     run = load_run(run_dir)
     dataset, description = evaluation_data(run, data, label_column, ignore_columns)
-    accelerator = build_accelerator(config)
-    try:
-        check_world(accelerator)
-        metrics = evaluate_prepared(accelerator, run.model, dataset, config)
-    finally:
-        release(accelerator)
+    metrics = on_accelerator(config, evaluate_prepared, run.model, dataset, config)
     return {"data": description, "classes": run.classes.names, **metrics}
 
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
-    # Its own function so the prepared (DDP) model is gone before release() ends the process group.
+    """The training loop's evaluation of the prepared model, the rows kept where training keeps them."""
+    from toyaccel.device import choose_placement
     from toyaccel.workloads.mlp import evaluate
 
     num_classes = model.layers[-1].out_features
+    dataset = choose_placement([dataset], accelerator.device, 0).place(dataset)
     return evaluate(accelerator, accelerator.prepare(model), dataset, num_classes, config.batch_size)
 
 

@@ -14,6 +14,7 @@ import hashlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from toyaccel.checkpoint import (
     set_aside_abandoned,
 )
 from toyaccel.config import TrainConfig, applicable_options
-from toyaccel.data import build_train_loader, draw_epoch_seed
-from toyaccel.device import apply_tf32, choose_placement, gpu_description
+from toyaccel.data import EpochBatchSampler, build_train_loader, draw_epoch_seed
+from toyaccel.device import DataPlacement, apply_tf32, choose_placement, gpu_description
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import maybe_drift_rng, maybe_inject_fault, maybe_stall
 from toyaccel.interrupts import StopRequests
@@ -106,26 +107,17 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     workload = get_workload(config.model)
     check_world(accelerator)
     tf32 = apply_tf32(config.tf32, accelerator.device)
-    placement = choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
+    placement = placement_for(accelerator, config, data)
     backend = accelerator.state.backend if accelerator.num_processes > 1 else None
     gpu = gpu_description(accelerator.device, tf32, placement, backend)
     accelerator.print(describe(config, accelerator, data, gpu))
-    train_set = placement.place(data.train)
-    train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
-    fresh = fresh_state(accelerator, config, data, train_loader.batch_sampler.global_batch)
-    plan = on_main_process(accelerator, decide_resume, config, fresh, accelerator.print)
+    run = set_up_training(accelerator, config, data, placement)
+    plan = on_main_process(accelerator, decide_resume, config, run.state, accelerator.print)
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
-    sampler = train_loader.batch_sampler
-    score = workload.evaluator(accelerator, config, data, placement)
-
-    torch.manual_seed(config.seed)  # ...and again before building the model
-    model = workload.build_model(config, data)
-    optimizer = build_optimizer(config, model)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-
-    state = start_or_resume(accelerator, config, plan, fresh)
+    model, optimizer, train_loader, sampler, score = run.model, run.optimizer, run.train_loader, run.sampler, run.score
+    state = start_or_resume(accelerator, config, plan, run.state)
     launch_ids = gather_object([launch_id()])
     if accelerator.is_main_process:
         write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
@@ -173,6 +165,44 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     save_outputs(accelerator, model, config, result)
     accelerator.print(f"saved the run in {config.output_dir}")
     return result
+
+
+@dataclass
+class TrainingSetUp:
+    """What the training loop runs on, prepared by the Accelerator: ``train()`` and the benchmark's
+    loops (scripts/benchmark.py) get theirs from ``set_up_training``, so they measure the same set-up."""
+
+    model: torch.nn.Module
+    optimizer: Any  # accelerate's AcceleratedOptimizer
+    train_loader: Any  # TensorBatches, or a prepared DataLoader with worker processes
+    sampler: EpochBatchSampler  # each epoch's order, and where a resumed epoch starts
+    placement: DataPlacement  # where the training and evaluation tensors live
+    score: Callable[[torch.nn.Module], dict[str, dict[str, Any]]]  # the workload's epoch-end evaluation
+    state: TrainerState  # step 0 of this run: what a checkpoint must match to be resumed
+
+
+def set_up_training(accelerator: Accelerator, config: TrainConfig, data, placement=None) -> TrainingSetUp:
+    """Place the data, build the training loader, the evaluator, the model (seeded) and its optimizer,
+    and prepare them. ``placement`` defaults to what --data-placement chooses for ``data``."""
+    workload = get_workload(config.model)
+    placement = placement or placement_for(accelerator, config, data)
+    train_set = placement.place(data.train)
+    train_loader = build_train_loader(train_set, config, accelerator.num_processes, placement.pin_memory)
+    # Taken before prepare(): with worker processes prepare() wraps the DataLoader, and on several
+    # processes the wrapper's batch sampler is accelerate's shard of this one.
+    sampler = train_loader.batch_sampler
+    state = fresh_state(accelerator, config, data, sampler.global_batch)
+    score = workload.evaluator(accelerator, config, data, placement)
+    torch.manual_seed(config.seed)  # ...and again before building the model (fit seeds before the data)
+    model = workload.build_model(config, data)
+    optimizer = build_optimizer(config, model)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    return TrainingSetUp(model, optimizer, train_loader, sampler, placement, score, state)
+
+
+def placement_for(accelerator: Accelerator, config: TrainConfig, data):
+    """Where --data-placement keeps the training and validation tensors (toyaccel.device)."""
+    return choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
 
 
 def train_one_epoch(
@@ -473,6 +503,18 @@ def save_outputs(accelerator: Accelerator, model, config: TrainConfig, result: R
         if config.plot and not plot_metrics(result.history, f"{config.output_dir}/loss.png"):
             accelerator.print("matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
     accelerator.wait_for_everyone()
+
+
+def on_accelerator(config: TrainConfig, job, *args):
+    """``job(accelerator, *args)`` on this launch's Accelerator, refused as training refuses a launch that
+    would not run as asked (check_world), and released afterwards whatever happens. What the job
+    prepares is gone when it returns, before release() ends the process group."""
+    accelerator = build_accelerator(config)
+    try:
+        check_world(accelerator)
+        return job(accelerator, *args)
+    finally:
+        release(accelerator)
 
 
 def release(accelerator: Accelerator) -> None:

@@ -55,9 +55,14 @@ def evaluator(accelerator, config: TrainConfig, data: TextBundle, placement):
     trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
     for any number of processes."""
     sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-    sets = {name: placement.place(windows) for name, windows in sets.items()}
-    loaders = {name: accelerator.prepare(eval_loader(windows, config)) for name, windows in sets.items()}
+    loaders = {name: prepared_eval_loader(accelerator, windows, config, placement) for name, windows in sets.items()}
     return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
+
+
+def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
+    """Every window once, the tokens kept where ``placement`` keeps them, prepared: what the training's
+    evaluation and toyaccel-evaluate read."""
+    return accelerator.prepare(eval_loader(placement.place(windows), config))
 
 
 def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
@@ -231,9 +236,8 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
     from toyaccel.config import build_config
-    from toyaccel.launch import build_accelerator, check_world
     from toyaccel.text import TextWindows, read_text, split_text
-    from toyaccel.training import release
+    from toyaccel.training import on_accelerator
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
@@ -258,19 +262,16 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
         raise ToyaccelError(f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target")
     batch_size = EVAL_WINDOWS if batch_size is None else batch_size
     config = build_config(None, model="gpt", batch_size=batch_size, output_dir=str(run_dir))
-    accelerator = build_accelerator(config)
-    try:
-        check_world(accelerator)
-        metrics = evaluate_prepared(accelerator, model, eval_loader(dataset, config))
-    finally:
-        release(accelerator)
+    metrics = on_accelerator(config, evaluate_prepared, model, dataset, config)
     return {"data": f"{what} ({len(dataset)} windows, {metrics['tokens']} tokens)", **metrics}
 
 
-def evaluate_prepared(accelerator, model, loader) -> dict[str, Any]:
-    # Its own function so the prepared (DDP) model is gone before release() ends the process group.
-    model, loader = accelerator.prepare(model, loader)
-    return evaluate(accelerator, model, loader)
+def evaluate_prepared(accelerator, model, windows, config: TrainConfig) -> dict[str, Any]:
+    """The training's evaluation of the prepared model over ``windows``, kept where training keeps them."""
+    from toyaccel.device import choose_placement
+
+    loader = prepared_eval_loader(accelerator, windows, config, choose_placement([windows], accelerator.device, 0))
+    return evaluate(accelerator, accelerator.prepare(model), loader)
 
 
 def format_evaluation(metrics: dict[str, Any]) -> str:
