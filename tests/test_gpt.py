@@ -278,14 +278,19 @@ def bad_text_files(tmp_path: Path) -> dict[str, Path]:
         ("latin1", "not UTF-8 text"),
         ("short", "too short for one window"),
         ("tokenizer", "argument --tokenizer: invalid choice: 'wordpiece'"),
-        ("mlp_option", "emb_dim is an option of --model gpt"),
+        ("gpt_option", "emb_dim is an option of --model gpt, not of --model mlp"),
+        ("eval_train", "eval_train is an option of --model mlp, not of --model gpt"),
+        ("hidden", "hidden is an option of --model mlp, not of --model gpt"),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
     files = bad_text_files(tmp_path)
     args = {
         "tokenizer": ("--model", "gpt", "--tokenizer", "wordpiece"),
-        "mlp_option": ("--emb-dim", "16"),
+        "gpt_option": ("--emb-dim", "16"),
+        # The MLP's options, given to the GPT, are refused rather than silently ignored.
+        "eval_train": ("--model", "gpt", "--eval-train", "full"),
+        "hidden": ("--model", "gpt", "--hidden", "64,64"),
     }.get(case, ("--model", "gpt", "--data", str(files.get(case)), "--context-length", "64"))
     out = tmp_path / "run"
     assert train_main([*args, "--output-dir", str(out), "--no-progress"]) == 2

@@ -33,7 +33,9 @@ PRESETS = {
 # gets chapter 5's optimizer (AdamW, lr 0.0004, weight decay 0.1) and a model small enough for a CPU.
 WORKLOAD_DEFAULTS = {
     "mlp": {"data": "toy", "num_samples": 1000, "val_fraction": 0.0,
-            "optimizer": "sgd", "lr": 0.5},
+            "optimizer": "sgd", "lr": 0.5,
+            "label_column": "label", "ignore_columns": (), "num_features": 2, "standardize": False,
+            "hidden": (30, 20), "eval_train": "sample"},
     "gpt": {"data": "synthetic", "num_samples": 50_000, "val_fraction": 0.1,
             "optimizer": "adamw", "lr": 0.0004, "weight_decay": 0.1,
             "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
@@ -42,7 +44,8 @@ WORKLOAD_DEFAULTS = {
 GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
                "drop_rate", "qkv_bias")  # fmt: skip
 # The GPT scores every training window (its evaluation is cheap next to its training step): --eval-train is
-# an MLP option.
+# an MLP option. Each family's options default to None (filled from WORKLOAD_DEFAULTS), so that one given to
+# the other model is refused, not silently ignored.
 MLP_OPTIONS = ("label_column", "ignore_columns", "num_features", "num_classes", "standardize", "hidden", "eval_train")
 # --help and --config files group the options; an option not listed here is a "run" option.
 SECTIONS = {
@@ -79,16 +82,20 @@ class TrainConfig:
         None, "mlp: hold out this fraction of the rows (seeded split; default 0); gpt: the last fraction of the text "
         "(default 0.1, the book's train_ratio 0.9)"
     )
-    label_column: str = _opt(
-        "label", "CSV column holding the class: numbers 0..K-1, or any values (names, other numbers) as class names"
+    label_column: str | None = _opt(
+        None, "mlp: CSV column holding the class: numbers 0..K-1, or any values (names, other numbers) as class "
+        "names (default: label)"
     )
-    ignore_columns: tuple[str, ...] = _opt(
-        (), "CSV columns that are not features, comma separated, e.g. id,name (predict copies them to its output)"
+    ignore_columns: tuple[str, ...] | None = _opt(
+        None, "mlp: CSV columns that are not features, comma separated, e.g. id,name (predict copies them to its "
+        "output)"
     )
     num_samples: int | None = _opt(None, "'synthetic': number of rows (mlp, default 1000) or characters (gpt, 50000)")
-    num_features: int = _opt(2, "'synthetic': number of input features")
-    num_classes: int | None = _opt(None, "number of classes (default: inferred from the labels; 2 for 'synthetic')")
-    standardize: bool = _opt(False, "standardize features with training-set mean/std (saved in config.json)")
+    num_features: int | None = _opt(None, "mlp, 'synthetic': number of input features (default: 2)")
+    num_classes: int | None = _opt(
+        None, "mlp: number of classes (default: inferred from the labels; 2 for 'synthetic')"
+    )
+    standardize: bool | None = _opt(None, "mlp: standardize features with training-set mean/std (saved in config.json)")
     tokenizer: str | None = _opt(
         None, "gpt: bpe (byte-level BPE trained on the training text, default), bytes (default for synthetic) "
         "or gpt2 (tiktoken, needs its files)", choices=TOKENIZERS,
@@ -98,7 +105,7 @@ class TrainConfig:
     )
     stride: int | None = _opt(None, "gpt: tokens between the starts of two windows (default: the context length)")
     # --- model --------------------------------------------------------------------------------
-    hidden: tuple[int, ...] = _opt((30, 20), "mlp: hidden layer sizes, comma separated (the book: 30,20)")
+    hidden: tuple[int, ...] | None = _opt(None, "mlp: hidden layer sizes, comma separated (the book: 30,20)")
     preset: str | None = _opt(
         None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)", choices=tuple(PRESETS)
     )
@@ -140,10 +147,10 @@ class TrainConfig:
     )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
     eval_every: int = _opt(1, "evaluate every N epochs (the last epoch always)")
-    eval_train: str = _opt(
-        "sample",
-        f"training-set metrics: 'sample' scores a fixed seeded sample of {EVAL_TRAIN_SAMPLE} rows (every row of a "
-        "smaller set), 'full' every row",
+    eval_train: str | None = _opt(
+        None,
+        f"mlp: training-set metrics: 'sample' (default) scores a fixed seeded sample of {EVAL_TRAIN_SAMPLE} rows "
+        "(every row of a smaller set), 'full' every row (the GPT scores every window)",
         choices=EVAL_TRAIN,
     )
     keep_last: int = _opt(3, "keep only the newest K checkpoints (0 = keep all)")
@@ -214,11 +221,13 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ToyaccelError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
-        self.hidden = parse_hidden(self.hidden)
-        self.ignore_columns = parse_names(self.ignore_columns)
+        if self.hidden is not None:  # None: a GPT run, refused below if given one
+            self.hidden = parse_hidden(self.hidden)
+        if self.ignore_columns is not None:
+            self.ignore_columns = parse_names(self.ignore_columns)
         positive = ("epochs", "batch_size", "grad_accum", "num_samples", "num_features", "eval_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ToyaccelError(f"{name} must be at least 1, got {getattr(self, name)}")
         non_negative = ("warmup_steps", "checkpoint_every", "keep_last", "log_every", "num_workers")
         for name in non_negative:
@@ -239,10 +248,12 @@ class TrainConfig:
         self.validate_workload()
 
     def validate_workload(self) -> None:
-        gpt_only = [name for name in GPT_OPTIONS if getattr(self, name) is not None]
+        other_family = MLP_OPTIONS if self.model == "gpt" else GPT_OPTIONS
+        given = [name for name in other_family if getattr(self, name) is not None]
+        if given:
+            owner = "mlp" if self.model == "gpt" else "gpt"
+            raise ToyaccelError(f"{given[0]} is an option of --model {owner}, not of --model {self.model}")
         if self.model != "gpt":
-            if gpt_only:
-                raise ToyaccelError(f"{gpt_only[0]} is an option of --model gpt, not of --model {self.model}")
             return
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "stride"):
             if getattr(self, name) < 1:
@@ -256,8 +267,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["ignore_columns"] = list(self.ignore_columns)
+        for name in ("hidden", "ignore_columns"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     def training_dict(self) -> dict[str, Any]:
