@@ -18,6 +18,7 @@ import torch
 from book_gpt import GPTModel as BookGPTModel
 from book_gpt import generate_text_simple
 from conftest import (
+    REPO,
     accelerate_launch,
     assert_weights_equal,
     check_ok,
@@ -27,6 +28,7 @@ from conftest import (
     step_losses,
     weights,
 )
+from dropout_probe import STEPS, watching
 from safetensors.torch import load_file
 
 from toyaccel import load_model
@@ -62,13 +64,14 @@ def train_here(out: Path, *args: str) -> int:
     return train_main([*args, "--output-dir", str(out)])
 
 
+PROBE = REPO / "tests" / "dropout_probe.py"
 # Generous: these launches start together, and a shared 2-core machine may be busy with other suites.
 TIMEOUT = 600
 
 
-def launch(config: str, out: Path, *args: str, num_processes: int | None = None, env=None):
+def launch(config: str, out: Path, *args: str, num_processes: int | None = None, env=None, **kwargs):
     return accelerate_launch(
-        config, *args, "--output-dir", str(out), num_processes=num_processes, env=env, timeout=TIMEOUT
+        config, *args, "--output-dir", str(out), num_processes=num_processes, env=env, timeout=TIMEOUT, **kwargs
     )
 
 
@@ -90,13 +93,16 @@ def background(tmp_path_factory, token_cache):
             "three_x_2": pool.submit(
                 launch, "multi_cpu.yaml", root / "three_x_2", *EQUIV, "--batch-size", "2", num_processes=3
             ),
+            # Trained as by scripts/train.py, with each rank's dropout masks recorded (tests/dropout_probe.py).
             "dropout_two_x_3": pool.submit(
-                launch, "multi_cpu.yaml", root / "dropout_two", *DROPOUT, "--batch-size", "3"
+                launch, "multi_cpu.yaml", root / "dropout_two", *DROPOUT, "--batch-size", "3", script=PROBE
             ),
             "killed": pool.submit(train_killed, root / "killed", "step:14", *DROPOUT, "--batch-size", "6"),
         }
         assert train_here(root / "one_x_6", *EQUIV, "--batch-size", "6") == 0
-        assert train_here(root / "dropout_one", *DROPOUT, "--batch-size", "6") == 0
+        with watching() as dropout_one:
+            assert train_here(root / "dropout_one", *DROPOUT, "--batch-size", "6") == 0
+        torch.save(dropout_one, root / "dropout_one" / "dropout_rank0.pt")
         results = {name: job.result() for name, job in jobs.items()}
     for name in ("two_x_3", "three_x_2", "dropout_two_x_3"):
         check_ok(results[name])
@@ -216,6 +222,22 @@ def test_dropout_has_its_own_stream_per_process_and_leaves_the_data_order_alone(
         for run in ("dropout_one", "dropout_two")
     ]
     assert seeds[0] is not None and seeds[0] == seeds[1]
+
+
+def test_each_process_draws_its_own_dropout_masks_on_the_one_process_data_order(background):
+    """Watched inside the training loop (tests/dropout_probe.py): at each of the first steps the two ranks
+    dropped different units, and together they trained on the windows one process with the whole batch did."""
+    ranks = [torch.load(background / "dropout_two" / f"dropout_rank{rank}.pt") for rank in (0, 1)]
+    one = torch.load(background / "dropout_one" / "dropout_rank0.pt")
+    assert [r["rank"] for r in ranks] == [0, 1] and len(one["inputs"]) == STEPS
+    for step in range(STEPS):
+        assert torch.equal(torch.cat([r["inputs"][step] for r in ranks]), one["inputs"][step]), step
+        masks = [r["masks"][step] for r in ranks]
+        # drop_emb, then the block's drop_shortcut twice (attention's dropout is inside its fused kernel).
+        assert len(masks[0]) == len(masks[1]) == 3
+        for mine, theirs in zip(*masks):
+            assert mine.shape == theirs.shape == (3, 16, 16) and not torch.equal(mine, theirs), step
+            assert 0.1 < 1 - mine.float().mean() < 0.3  # --drop-rate 0.2 of the units dropped
 
 
 def test_killed_mid_epoch_then_resumed_is_bitwise_equal_with_dropout(background):
