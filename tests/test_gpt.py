@@ -197,6 +197,9 @@ def test_n_processes_equal_one_process_with_the_whole_batch(background):
         for k in one:
             assert torch.allclose(one[k], other[k], atol=1e-6, rtol=0), f"{name} {k}: {(one[k] - other[k]).abs().max()}"
         assert step_losses(background / name) == pytest.approx(step_losses(background / "one_x_6"), abs=2e-6)
+        # Every process generates the epoch-end sample (under FSDP its forwards need them all); main logs it once.
+        epochs = [r for r in read_jsonl(background / name / "metrics.jsonl") if r["kind"] == "epoch"]
+        assert len(epochs) == 1 and len(epochs[0]["sample"]) > 50  # 50 generated characters after the start
 
 
 def test_validation_loss_is_the_same_for_any_number_of_processes(background):

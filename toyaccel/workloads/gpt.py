@@ -147,10 +147,11 @@ def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
 
 
 def after_epoch(accelerator, model, config: TrainConfig, data: TextBundle) -> dict[str, Any]:
-    """Chapter 5's greedy sample from the start context, on the main process; it draws no random
-    numbers, so the data order of the next epoch does not depend on it."""
-    if not accelerator.is_main_process:
-        return {}
+    """Chapter 5's greedy sample from the start context, printed and logged by the main process. Every
+    process generates it: under FSDP each forward pass gathers the parameter shards from all of them, so
+    a forward on the main process alone would wait forever. Greedy decoding of a fixed length makes the
+    same number of forward passes everywhere, and draws no random numbers, so the data order of the next
+    epoch does not depend on it."""
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     ids = start_ids(data.tokenizer, data.train.tokens)
     device = next(net.parameters()).device
