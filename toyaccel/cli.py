@@ -149,7 +149,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label-column", help="CSV column holding the class (default: the one used in training)")
     parser.add_argument(
-        "--batch-size", type=int, help="rows (mlp, default 256) or windows (gpt, default 8) per process per batch"
+        "--batch-size", type=int, help="rows (mlp, default 4096) or windows (gpt, default 8) per process per batch"
     )
     parser.add_argument("--ignore-columns", default="", help="columns of --data to leave out, comma separated")
 

@@ -699,11 +699,9 @@ class TensorBatches:
             if self.pin_memory:
                 rows = tuple(t.pin_memory() for t in rows)
             features, labels = to_device(rows, self.device)
-            start = 0
-            for indices in chunk:
-                end = start + len(indices)
-                yield features[start:end], labels[start:end]
-                start = end
+            sizes = [len(indices) for indices in chunk]
+            # split makes all the views in one call: slicing costs ~2 us a view in Python.
+            yield from zip(features.split(sizes), labels.split(sizes))
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,11 @@ def _fault_here(point: str, global_step: int | None, process_index: int) -> bool
     return where == point and at_step and rank in (None, str(process_index))
 
 
+def faults_armed() -> bool:
+    """Whether any fault is asked for: the training loop checks this once per epoch, not per step."""
+    return bool(os.environ.get("TOYACCEL_FAULT"))
+
+
 def maybe_inject_fault(point: str, global_step: int, process_index: int) -> None:
     if _fault_here(point, global_step, process_index):
         os.kill(os.getpid(), signal.SIGKILL)

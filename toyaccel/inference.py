@@ -33,8 +33,7 @@ from toyaccel.launch import launched_world_size
 from toyaccel.model import NeuralNetwork
 from toyaccel.outputs import load_model, read_run_config, write_atomic
 from toyaccel.workloads import workload_of_run
-
-EVAL_BATCH_SIZE = 256
+from toyaccel.workloads.mlp import EVAL_BATCH_SIZE
 
 
 @dataclass

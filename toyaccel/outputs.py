@@ -35,15 +35,15 @@ def write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def respect_umask(path: Path) -> None:
+def respect_umask(path: Path, umask: int | None = None) -> None:
     """Give ``path`` the mode a plain ``open()`` would have: safetensors creates its files 0600
     whatever the umask, and on a shared cluster nobody else could read the model."""
-    wanted = 0o666 & ~_umask()
+    wanted = 0o666 & ~(current_umask() if umask is None else umask)
     if Path(path).stat().st_mode & 0o777 != wanted:
         os.chmod(path, wanted)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     try:  # Linux tells it without changing it (os.umask can only read it by setting it)
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

@@ -17,7 +17,9 @@ from toyaccel.data import (
 )
 from toyaccel.model import NeuralNetwork
 
-EVAL_BATCH_SIZE = 256
+# Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
+# ~4 ms at 4096 rows a batch against ~10 ms at 256, on one CPU thread), and activations stay small.
+EVAL_BATCH_SIZE = 4096
 MODEL_KEYS = ("num_inputs", "num_outputs", "hidden")  # config.json's "model" section
 
 
