@@ -194,7 +194,7 @@ class PreparedLoop:
         self.accelerator = accelerator
         run = set_up_training(accelerator, config, data)
         self.model, self.optimizer, self.loader = run.model, run.optimizer, run.train_loader
-        self.sampler, self.state = run.sampler, run.state
+        self.sampler, self.state, self.score = run.sampler, run.state, run.score
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
             self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
@@ -221,13 +221,13 @@ class PreparedLoop:
 class ToyaccelLoop(PreparedLoop):
     """The MLP under toyaccel's loop."""
 
-    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir, placement="auto"):
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir, placement="auto", val=None):
         config = TrainConfig(
             data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
             hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
             output_dir=output_dir, data_placement=placement,
         )  # fmt: skip
-        data = DataBundle(ToyDataset(features, labels), None, NUM_FEATURES, NUM_CLASSES, [])
+        data = DataBundle(ToyDataset(features, labels), val, NUM_FEATURES, NUM_CLASSES, [])
         super().__init__(data, config, accelerator, output_dir)
 
 
@@ -235,22 +235,16 @@ class EpochLoop(ToyaccelLoop):
     """A whole epoch as toyaccel.fit runs it: the loop, then the epoch-end evaluation and checkpoint."""
 
     def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir):
-        from toyaccel.data import DataBundle, synthetic_blobs
-        from toyaccel.workloads.mlp import evaluation_sets
-
-        super().__init__(features, labels, hidden, batch_size, accelerator, output_dir)
         val_rows = labels.shape[0] // 4  # a 20% hold-out: 16k validation rows beside 64k training rows
         held_out = synthetic_blobs(labels.shape[0] + val_rows, NUM_FEATURES, NUM_CLASSES, SEED)
         val = ToyDataset(held_out.features[-val_rows:], held_out.labels[-val_rows:])
-        bundle = DataBundle(ToyDataset(features, labels), val, NUM_FEATURES, NUM_CLASSES, [])
-        self.eval_sets = evaluation_sets(self.config, bundle)
+        super().__init__(features, labels, hidden, batch_size, accelerator, output_dir, val=val)
 
     def epoch(self) -> int:
         from toyaccel.checkpoint import save_checkpoint
-        from toyaccel.workloads.mlp import evaluate_sets
 
         samples = super().epoch()
-        evaluate_sets(self.accelerator, self.model, self.eval_sets, NUM_CLASSES, self.config)
+        self.score(self.model)  # fit's epoch-end evaluation: the validation set and the training-set sample
         save_checkpoint(self.accelerator, self.config.output_dir, self.state, self.config.keep_last)
         return samples
 
