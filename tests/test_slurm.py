@@ -311,6 +311,8 @@ def assert_book_run(job: Job, machines: int, distributed_type: str) -> None:
     assert (job.info["JobState"], job.info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(job.log)
     assert job.info["Restarts"] == "0"  # a job that finished is not requeued
     assert f"{machines} machine(s) x 1 process(es)" in job.text()
+    # One log for the whole job: each line once, however many machines print into it.
+    assert job.text().count("saved the run in") == job.text().count(f"toyaccel: {machines} process(es)") == 1
     results = read_json(job.run / "results.json")
     assert (results["world_size"], results["distributed_type"], results["global_batch"]) == (
         machines, distributed_type, 2,

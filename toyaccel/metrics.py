@@ -72,6 +72,13 @@ class MetricsLogger:
             self.bar = None
 
 
+def say(accelerator, message: str) -> None:
+    """Print ``message`` once per run. accelerator.print prints on each machine's first process, so a
+    job on several machines (Slurm's one log, say) would show every line once per machine."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def format_record(record: dict[str, Any], epochs: int) -> str:
     """``epoch 2/3 | step 4 | loss 0.4412 | lr 0.5 | 812 samples/s`` (and the epoch-end metrics)."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}"]

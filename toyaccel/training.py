@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import math
@@ -40,7 +41,7 @@ from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_stall
 from toyaccel.interrupts import StopRequests
 from toyaccel.launch import build_accelerator, check_world
-from toyaccel.metrics import MetricsLogger
+from toyaccel.metrics import MetricsLogger, say
 from toyaccel.outputs import (
     claim_for_this_launch,
     default_output_dir,
@@ -115,9 +116,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     placement = placement_for(accelerator, config, data)
     backend = accelerator.state.backend if accelerator.num_processes > 1 else None
     gpu = gpu_description(accelerator.device, tf32, placement, backend)
-    accelerator.print(describe(config, accelerator, data, gpu))
+    say(accelerator, describe(config, accelerator, data, gpu))
     run = set_up_training(accelerator, config, data, placement)
-    plan = on_main_process(accelerator, decide_resume, config, run.state, accelerator.print)
+    plan = on_main_process(accelerator, decide_resume, config, run.state, functools.partial(say, accelerator))
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
@@ -169,7 +170,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         history=logger.history,
     )
     save_outputs(accelerator, model, config, result)
-    accelerator.print(f"saved the run in {config.output_dir}")
+    say(accelerator, f"saved the run in {config.output_dir}")
     return result
 
 
@@ -438,15 +439,16 @@ def start_or_resume(accelerator, config: TrainConfig, plan: ResumePlan, fresh: T
     path = Path(plan.checkpoint)
     state = load_checkpoint(accelerator, path, plan.trainer_state(), expected=fresh)
     where = f"epoch {state.epoch + 1}/{config.epochs}" if state.epoch < config.epochs else "the end of training"
-    accelerator.print(f"resumed from {path} at {where}, step {state.global_step}")
+    say(accelerator, f"resumed from {path} at {where}, step {state.global_step}")
     return state
 
 
 def report_abandoned(accelerator, aside: Path | None, start_step: int) -> None:
     if aside is not None:
-        accelerator.print(
+        say(
+            accelerator,
             f"moved the checkpoints after step {start_step}, from the run this one replaces, to {aside} "
-            "(never resumed from; delete them when you no longer need them)"
+            "(never resumed from; delete them when you no longer need them)",
         )
 
 
@@ -477,7 +479,7 @@ def interrupted(accelerator, signum: int, path: Path, state: TrainerState, epoch
         f"interrupted by {name}: saved checkpoint {path} (epoch {state.epoch + 1}/{epochs}, step {state.global_step}); "
         "to continue, run the same command with --resume latest"
     )
-    accelerator.print(message)
+    say(accelerator, message)
     return Interrupted(signum, message)
 
 
@@ -516,7 +518,7 @@ def save_outputs(accelerator: Accelerator, model, config: TrainConfig, result: R
         save_weights(state_dict, f"{config.output_dir}/model.safetensors")
         write_json(f"{config.output_dir}/results.json", result.to_json())
         if config.plot and not plot_metrics(result.history, f"{config.output_dir}/loss.png"):
-            accelerator.print("matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
+            say(accelerator, "matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
     accelerator.wait_for_everyone()
 
 

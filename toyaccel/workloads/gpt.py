@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
+from toyaccel.metrics import say
 from toyaccel.text import TextBundle, load_text_data, perplexity, synthetic_text
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
@@ -152,12 +153,17 @@ def after_epoch(accelerator, model, config: TrainConfig, data: TextBundle) -> di
     a forward on the main process alone would wait forever. Greedy decoding of a fixed length makes the
     same number of forward passes everywhere, and draws no random numbers, so the data order of the next
     epoch does not depend on it."""
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    from accelerate.utils import DistributedType
+
+    # FSDP's wrapper is what gathers the shards; elsewhere the plain module does the same maths without
+    # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    net = model if fsdp else accelerator.unwrap_model(model, keep_torch_compile=False)
     ids = start_ids(data.tokenizer, data.train.tokens)
     device = next(net.parameters()).device
     out = generate(net, torch.tensor([ids], device=device), SAMPLE_TOKENS, config.context_length)
     sample = data.tokenizer.decode(out[0].tolist())
-    accelerator.print(f"sample: {sample!r}")
+    say(accelerator, f"sample: {sample!r}")
     return {"sample": sample}
 
 
