@@ -46,9 +46,11 @@ BAD_CSVS = {
     "missing file": (None, [], "no such file (--data takes toy, synthetic or the path of a CSV file)"),
     "empty file": ("", [], "file is empty (expected a header row and data rows)"),
     "blank lines only": ("\n \n", [], "file is empty (expected a header row and data rows)"),
-    "header only": ("x1,x2,label\n", [], "header only, no data rows"),
+    "header only": (
+        "x1,x2,label\n", [], "header only, no data rows (a CSV file: a header line, then one row per sample)"
+    ),
     "non-numeric cell": ("x1,x2,label\n1,2,0\n3,abc,1\n", [], "row 3, column 'x2': not a number: 'abc'"),
-    "empty cell": ("x1,x2,label\n1,,0\n", [], "row 2, column 'x2': not a number: ''"),
+    "empty cell": ("x1,x2,label\n1,,0\n", [], "row 2, column 'x2': empty cell (every feature needs a number)"),
     "nan": ("x1,x2,label\n1,2,0\nNaN,2,1\n", [], "row 3, column 'x1': NaN is not a finite number"),
     "inf": ("x1,x2,label\n1,-inf,0\n", [], "row 2, column 'x2': -inf is not a finite number"),
     "beyond float32": ("x1,x2,label\n1,1e39,0\n", [], "row 2, column 'x2': 1e39 is too large for float32"),

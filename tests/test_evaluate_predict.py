@@ -252,7 +252,8 @@ def test_evaluate_refuses_bad_input_in_one_line(csv_run, toy_run, tmp_path, caps
         ),
         (
             [str(out), "--data", unlabelled],
-            f"{unlabelled}: no label column 'y' in header {FEATURES} (set --label-column)",
+            f"{unlabelled}: no label column 'y': evaluation needs labels (name their column with --label-column); "
+            "for predictions on unlabelled rows use toyaccel-predict",
         ),
         ([str(out), "--data", "toy"], f"--data toy: the book's test set has 2 features, the model in {out} takes 3"),
         ([str(broken), "--data", "toy"], None),

@@ -151,6 +151,7 @@ def test_same_seed_same_initial_weights_as_the_books_code():
 def test_val_loss_approaches_the_known_entropy_of_the_synthetic_text(learned):
     results = read_json(learned / "results.json")
     entropy = synthetic_entropy(123)  # nats per character: no model can do better on average
+    assert results["best_possible_loss"] == entropy  # what the run reports it against
     assert entropy - 0.05 < results["val_loss"] < entropy + 0.1, (results["val_loss"], entropy)
     assert results["val_perplexity"] == pytest.approx(torch.tensor(results["val_loss"]).exp().item(), rel=1e-6)
     assert {"val_loss", "val_perplexity", "train_loss", "tokens_per_s", "world_size", "global_step"} <= set(results)
@@ -303,9 +304,9 @@ def bad_text_files(tmp_path: Path) -> dict[str, Path]:
         ("latin1", "not UTF-8 text"),
         ("short", "too short for one window"),
         ("tokenizer", "argument --tokenizer: invalid choice: 'wordpiece'"),
-        ("gpt_option", "emb_dim is an option of --model gpt, not of --model mlp"),
-        ("eval_train", "eval_train is an option of --model mlp, not of --model gpt"),
-        ("hidden", "hidden is an option of --model mlp, not of --model gpt"),
+        ("gpt_option", "--emb-dim is an option of --model gpt, not of --model mlp"),
+        ("eval_train", "--eval-train is an option of --model mlp, not of --model gpt"),
+        ("hidden", "--hidden is an option of --model mlp, not of --model gpt"),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):

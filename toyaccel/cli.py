@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from toyaccel.config import SECTIONS, TrainConfig, build_config, parse_names, read_config_file, section_of
+from toyaccel.config import SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file, section_of
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.launch import launched_rank
 
@@ -56,15 +56,16 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
     groups = {name: parser.add_argument_group(f"{name} options") for name in (*SECTIONS, "run")}
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         help_text = with_default(f)
         group = groups[section_of(f.name)]
         # SUPPRESS: only options the user typed override the config file.
         if str(f.type).split(" |")[0] == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
             group.add_argument(
-                flag,
+                flag(f.name),
                 type=_field_type(f),
                 choices=f.metadata.get("choices"),
                 default=argparse.SUPPRESS,

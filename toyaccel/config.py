@@ -252,7 +252,7 @@ class TrainConfig:
         given = [name for name in other_family if getattr(self, name) is not None]
         if given:
             owner = "mlp" if self.model == "gpt" else "gpt"
-            raise ToyaccelError(f"{given[0]} is an option of --model {owner}, not of --model {self.model}")
+            raise ToyaccelError(f"{flag(given[0])} is an option of --model {owner}, not of --model {self.model}")
         if self.model != "gpt":
             return
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "stride"):
@@ -322,6 +322,11 @@ def applicable_options(config: TrainConfig) -> dict[str, Any]:
         elif name in synthetic_only and config.data != "synthetic":
             del d[name]
     return d
+
+
+def flag(name: str) -> str:
+    """A field's command-line spelling: ``eval_train`` is ``--eval-train``."""
+    return "--" + name.replace("_", "-")
 
 
 def field_names() -> list[str]:

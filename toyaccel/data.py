@@ -382,7 +382,7 @@ def scan_rows(path: str, limit: int | None = None) -> list[tuple[int, list[str]]
         raise ToyaccelError(f"{path}: file is empty (expected a header row and data rows)")
     check_header(path, [h.strip() for h in rows[0][1]])
     if len(rows) < 2:
-        raise ToyaccelError(f"{path}: header only, no data rows")
+        raise ToyaccelError(f"{path}: header only, no data rows (a CSV file: a header line, then one row per sample)")
     return rows
 
 
@@ -418,6 +418,8 @@ def with_ignore_hint(message: str, row: list[str], columns: list[str], at: list[
 
 
 def parse_number(path: str, row_no: int, column: str, cell: str) -> float:
+    if not cell.strip():
+        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': empty cell (every feature needs a number)")
     try:
         value = float(cell)
     except ValueError:

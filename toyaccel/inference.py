@@ -116,7 +116,13 @@ def evaluation_data(
             "has them when trained with --val-fraction), or pass a CSV file"
         )
     else:
-        table = read_table(data, label_column or run.label_column, run.feature_names, ignore=ignore_columns)
+        label = label_column or run.label_column
+        if not columns_present(data, (label,)):
+            raise ToyaccelError(
+                f"{data}: no label column '{label}': evaluation needs labels (name their column with --label-column); "
+                "for predictions on unlabelled rows use toyaccel-predict"
+            )
+        table = read_table(data, label, run.feature_names, ignore=ignore_columns)
         features, labels = table.features, class_indices(table, run.classes)
         description = data
     return ToyDataset(run.standardize(features), labels), f"{description} ({labels.shape[0]} rows)"

@@ -76,6 +76,14 @@ def synthetic_entropy(seed: int) -> float:
     return float(stationary @ row_entropy)
 
 
+def best_possible_loss(config) -> float | None:
+    """The lowest mean loss per token any model can reach, where it is known: the synthetic text read one
+    character per token (its entropy rate). A run shows how close it got."""
+    if config.data == "synthetic" and config.tokenizer == "bytes":
+        return synthetic_entropy(config.seed)
+    return None
+
+
 def synthetic_text(num_chars: int, seed: int) -> str:
     """``num_chars`` characters of a seeded Markov chain; its own generator leaves the global RNG alone."""
     transitions, stationary = synthetic_chain(seed)
@@ -323,6 +331,7 @@ class TextBundle:
     val: TextWindows | None
     tokenizer: Any
     source: str
+    best_loss: float | None = None  # see best_possible_loss
 
     def fingerprint(self) -> str:
         """Changes when any training or validation token, or the tokenizer, changes."""
@@ -360,7 +369,7 @@ def load_text_data(config) -> TextBundle:
         )
     train = windows(train_ids, config, f"{source} (training part)")
     val = windows(val_ids, config, f"{config.val_data or source} (validation part)") if val_ids is not None else None
-    return TextBundle(train, val, tokenizer, source)
+    return TextBundle(train, val, tokenizer, source, best_possible_loss(config))
 
 
 def windows(ids: torch.Tensor, config, what: str) -> TextWindows:

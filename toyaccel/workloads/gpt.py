@@ -12,7 +12,7 @@ from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.metrics import say
-from toyaccel.text import TextBundle, load_text_data, perplexity, synthetic_text
+from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, synthetic_text
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
@@ -109,6 +109,7 @@ def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, con
         "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
         "train_perplexity": metrics["train"]["perplexity"],
         "tokens_per_s": samples_per_s * config.context_length,
+        "best_possible_loss": best_possible_loss(config),
     }
 
 
@@ -128,6 +129,8 @@ def describe_data(data: TextBundle) -> str:
     words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
     if data.val is not None:
         words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
+    if data.best_loss is not None:
+        words += f"; best possible loss {data.best_loss:.4f} (the text's entropy per token)"
     return words
 
 
