@@ -156,7 +156,11 @@ def test_val_loss_approaches_the_known_entropy_of_the_synthetic_text(learned):
     assert results["val_perplexity"] == pytest.approx(torch.tensor(results["val_loss"]).exp().item(), rel=1e-6)
     assert {"val_loss", "val_perplexity", "train_loss", "tokens_per_s", "world_size", "global_step"} <= set(results)
     assert results["tokens_per_s"] > 0 and results["world_size"] == 1
-    epochs = [r for r in read_jsonl(learned / "metrics.jsonl") if r["kind"] == "epoch"]
+    records = read_jsonl(learned / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    context = read_json(learned / "config.json")["config"]["context_length"]
+    assert steps and all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * context) for r in steps)
+    epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 4 and all(r["sample"] and r["val_ppl"] > 1 for r in epochs)
     assert (learned / "loss.png").stat().st_size > 0 and (learned / "tokenizer.json").exists()
 

@@ -94,7 +94,9 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
     ):
         if record.get(key) is not None:
             parts.append(f"{key} {record[key]:{fmt}}")
-    if record.get("samples_per_s"):
+    if record.get("tokens_per_s"):
+        parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
+    elif record.get("samples_per_s"):
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
     return " | ".join(parts)
 

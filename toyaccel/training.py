@@ -280,9 +280,10 @@ def train_one_epoch(
             micro_steps = len(window_losses)
             last_loss = accelerator.reduce(torch.stack(window_losses).sum(), "mean").item() / micro_steps
             seconds = time.perf_counter() - window_start
+            samples_per_s = micro_steps * config.batch_size * accelerator.num_processes / seconds
             logger.log({
                 "kind": "step", "epoch": state.epoch + 1, "step": state.global_step, "loss": last_loss, "lr": lr,
-                "samples_per_s": micro_steps * config.batch_size * accelerator.num_processes / seconds,
+                "samples_per_s": samples_per_s, **workload.throughput(samples_per_s, config),
             })  # fmt: skip
             window_losses.clear()
             window_start = time.perf_counter()

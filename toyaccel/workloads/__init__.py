@@ -11,9 +11,9 @@ each workload is one module that provides the rest:
 ``uses_dropout(config)``
     whether the forward pass draws random numbers (each process then draws its own, see training.py).
 ``evaluator(accelerator, config, data)``, ``epoch_fields(metrics)``, ``result_metrics(metrics, samples_per_s,
-config)``
+config)``, ``throughput(samples_per_s, config)``
     a function that scores the model on the training and validation sets (each sample counted once),
-    what an epoch's log line and results.json carry.
+    what an epoch's log line and results.json carry, and the throughput a step's log line adds (tokens/s).
 ``describe_data(data)``, ``run_description(config, data)``, ``save_extras(output_dir, data)``,
 ``after_epoch(accelerator, model, config, data)``
     the data as read (the start-up line), config.json's model and data sections, files beside the

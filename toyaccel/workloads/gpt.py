@@ -104,11 +104,16 @@ def epoch_fields(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def throughput(samples_per_s: float, config: TrainConfig) -> dict[str, float]:
+    """A sample is a window of context_length tokens: language models are compared in tokens/s."""
+    return {"tokens_per_s": samples_per_s * config.context_length}
+
+
 def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig) -> dict[str, Any]:
     return {
         "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
         "train_perplexity": metrics["train"]["perplexity"],
-        "tokens_per_s": samples_per_s * config.context_length,
+        **throughput(samples_per_s, config),
         "best_possible_loss": best_possible_loss(config),
     }
 

@@ -99,6 +99,11 @@ def epoch_fields(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def throughput(samples_per_s: float, config: TrainConfig) -> dict[str, float]:
+    """Nothing beyond samples/s: a sample is a row."""
+    return {}
+
+
 def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig) -> dict[str, Any]:
     return {
         "train_accuracy": metrics["train"]["accuracy"],
