@@ -408,9 +408,10 @@ def test_elastic_launch_on_two_machines_survives_a_killed_worker(reference_ddp, 
     job = background[1]["two_machines"].result()
     logs = "".join(job["logs"].values())
     assert job["codes"] == {0: 0, 1: 0}, "\n".join(log[-3000:] for log in job["logs"].values())
-    # accelerator.print speaks once per machine; one restart: the fault fires only in the first attempt
-    assert logs.count(f"resumed from {job['out'] / 'checkpoints' / 'step_6'} at epoch 1/2, step 6") == 2
-    assert logs.count("resumed from") == 2 and "already holds a run" not in logs
+    # Said once per run, by the main process, on whichever machine; one restart: the fault fires only in
+    # the first attempt. That both machines resumed there shows in the weights.
+    assert logs.count(f"resumed from {job['out'] / 'checkpoints' / 'step_6'} at epoch 1/2, step 6") == 1
+    assert logs.count("resumed from") == 1 and "already holds a run" not in logs
     assert_weights_equal(weights(job["out"]), weights(reference_ddp))
     assert logged(job["out"]) == logged(reference_ddp)
 
