@@ -77,3 +77,12 @@ def test_the_declared_dependency_ranges_hold_here():
         assert requirement.specifier.contains(installed, prereleases=True), f"{requirement.name} {installed}"
     bounded = {r.name: str(r.specifier) for r in requirements if r.name in ("torch", "accelerate")}
     assert all(">=" in spec for spec in bounded.values()), bounded
+
+
+def test_the_last_checkpoint_is_in_place_when_training_returns(tmp_path):
+    """Checkpoints are hashed, synced and renamed into place in a background thread while training goes
+    on: when fit returns, the last one is published and whole, and --keep-last pruned the others."""
+    out = tmp_path / "run"
+    result = fit(output_dir=str(out), epochs=3, keep_last=1, progress=False, plot=False)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{result.global_step}"]
+    assert verify_checkpoint(out / "checkpoints" / f"step_{result.global_step}").global_step == result.global_step
