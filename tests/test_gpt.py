@@ -31,7 +31,7 @@ from conftest import (
 from dropout_probe import STEPS, watching
 from safetensors.torch import load_file
 
-from toyaccel import load_model
+from toyaccel import fit, load_model
 from toyaccel.checkpoint import checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import evaluate_main, generate_main, train_main
 from toyaccel.gpt_model import GPTModel
@@ -368,7 +368,8 @@ def test_config_file_sections(tmp_path):
 
 
 def test_vocab_padding_stays_inside_the_model():
-    """On a GPU the vocabulary rows are padded to a multiple of 64; the saved weights keep the book's."""
+    """The vocabulary rows are padded to a multiple of 64 (for GPU matrix products); the saved weights keep the
+    book's."""
     cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0,
            "qkv_bias": False}  # fmt: skip
     torch.manual_seed(0)
@@ -398,3 +399,18 @@ def _write_text(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_text(synthetic_text(4000, seed=3).replace("o", "\n"))
     return path
+
+
+def test_a_checkpoint_has_the_padded_shapes_on_every_device(tmp_path):
+    """The vocabulary is padded on CPU as on a GPU, so the optimizer state a checkpoint holds (AdamW's
+    moments of the padded rows) fits the model wherever the run resumes: a 300-token vocabulary trains
+    320 rows, and model.safetensors keeps the book's 300."""
+    out = tmp_path / "run"
+    shape = {"context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 1}
+    fit(model="gpt", data="synthetic", num_samples=3000, tokenizer="bytes", vocab_size=300, **shape, batch_size=4,
+        epochs=1, output_dir=str(out), progress=False, plot=False)  # fmt: skip
+    checkpoint = checkpoint_dirs(out)[0]
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    rows = sorted({s["exp_avg"].shape[0] for s in optimizer["state"].values() if s["exp_avg"].dim() == 2})
+    assert 320 in rows and 300 not in rows, rows
+    assert load_file(out / "model.safetensors")["out_head.weight"].shape[0] == 300

@@ -30,12 +30,13 @@ def model_shape(config: TrainConfig, data: TextBundle | None = None) -> dict[str
     return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
 
 
-# Vocabulary rows are padded to a multiple of this on a GPU, inside the model only (see GPTModel).
-GPU_VOCAB_MULTIPLE = 64
+# Vocabulary rows are padded to a multiple of this inside the model (see GPTModel), for GPU matrix products;
+# on every device, so that the optimizer state in a checkpoint has the same shapes wherever it resumes.
+VOCAB_MULTIPLE = 64
 
 
 def build_model(config: TrainConfig, data: TextBundle) -> GPTModel:
-    return GPTModel(model_shape(config), pad_vocab_to=GPU_VOCAB_MULTIPLE if torch.cuda.is_available() else 1)
+    return GPTModel(model_shape(config), pad_vocab_to=VOCAB_MULTIPLE)
 
 
 def model_from_shape(shape: dict[str, Any]) -> GPTModel:
