@@ -9,6 +9,7 @@ processes have, so that a run killed in a subprocess and resumed here can be bit
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -401,16 +402,21 @@ def _write_text(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_checkpoint_has_the_padded_shapes_on_every_device(tmp_path):
+def test_a_padded_vocabulary_checkpoints_and_resumes_exactly(tmp_path):
     """The vocabulary is padded on CPU as on a GPU, so the optimizer state a checkpoint holds (AdamW's
     moments of the padded rows) fits the model wherever the run resumes: a 300-token vocabulary trains
-    320 rows, and model.safetensors keeps the book's 300."""
-    out = tmp_path / "run"
+    320 rows, model.safetensors keeps the book's 300, and a run resumed from a mid-run checkpoint ends
+    with the same weights."""
+    out, again = tmp_path / "run", tmp_path / "again"
     shape = {"context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 1}
-    fit(model="gpt", data="synthetic", num_samples=3000, tokenizer="bytes", vocab_size=300, **shape, batch_size=4,
-        epochs=1, output_dir=str(out), progress=False, plot=False)  # fmt: skip
-    checkpoint = checkpoint_dirs(out)[0]
-    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    options = dict(model="gpt", data="synthetic", num_samples=3000, tokenizer="bytes", vocab_size=300, **shape,
+                   batch_size=4, epochs=1, checkpoint_every=5, keep_last=0, progress=False, plot=False)  # fmt: skip
+    fit(output_dir=str(out), **options)
+    first = checkpoint_dirs(out)[-1]
+    optimizer = torch.load(first / "optimizer.bin", weights_only=True)
     rows = sorted({s["exp_avg"].shape[0] for s in optimizer["state"].values() if s["exp_avg"].dim() == 2})
     assert 320 in rows and 300 not in rows, rows
-    assert load_file(out / "model.safetensors")["out_head.weight"].shape[0] == 300
+    assert weights(out)["out_head.weight"].shape[0] == 300
+    shutil.copytree(out, again)
+    fit(output_dir=str(again), resume=str(again / "checkpoints" / first.name), **options)
+    assert_weights_equal(weights(again), weights(out))

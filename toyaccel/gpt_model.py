@@ -134,8 +134,10 @@ PADDED = ("tok_emb.weight", "out_head.weight")
 
 
 def _unpad_state_dict(module: GPTModel, state_dict, prefix: str, local_metadata) -> None:
+    # A copy, not a view: safetensors (accelerate's checkpoints) refuses a tensor that covers only part of
+    # its storage, so a view of the padded parameter could be saved but not loaded back.
     for name in PADDED:
-        state_dict[prefix + name] = state_dict[prefix + name][: module.vocab_size]
+        state_dict[prefix + name] = state_dict[prefix + name][: module.vocab_size].clone()
 
 
 def _pad_state_dict(module: GPTModel, state_dict, prefix: str, *args) -> None:
