@@ -56,6 +56,7 @@ from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
 from toyaccel.data import DataBundle, ToyDataset, synthetic_blobs  # noqa: E402
 from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
 from toyaccel.model import NeuralNetwork  # noqa: E402
+from toyaccel.workloads.gpt import VOCAB_MULTIPLE  # noqa: E402
 
 NUM_FEATURES, NUM_CLASSES, SEED = 32, 4, 123
 LOOPS = ("book", "toyaccel", "ceiling")
@@ -589,8 +590,14 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
             wall, cpu = measure(loops, device, 0, args.gpt_repeats)
         finally:
             loops["toyaccel"].close()
-    for name in loops:
-        row = {"loop": name, "device": device, "precision": "fp32", **memory[name]}
+    names = list(loops)
+    loops.clear()  # the fast row's peak memory must not count these models
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for name in names:
+        # On a GPU with TF32 (toyaccel's default, and device_accelerator's) the fp32 matmuls round to TF32.
+        precision = "tf32" if torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        row = {"loop": name, "device": device, "precision": precision, **memory[name]}
         row.update({k.replace("samples", "tokens"): v for k, v in summary(wall[name], cpu[name]).items()})
         out["rows"].append(row)
     out["toyaccel_vs_book"] = out["rows"][1]["tokens_per_s"] / out["rows"][0]["tokens_per_s"]
@@ -628,7 +635,7 @@ def gpt_fast_row(args, cfg: dict, work_dir: str, device: str = "cuda", compile: 
         rates.append(products * peak.flops_per_product / seconds)
     peak_flops = statistics.median(rates)
     row = {"loop": "toyaccel-fast", "device": device, "precision": "bf16", "compile": compile, "batch_size": batch,
-           "vocab_padded_to": 64 if device == "cuda" else 1,
+           "vocab_padded_to": VOCAB_MULTIPLE,
            **memory, **{k.replace("samples", "tokens"): v for k, v in summary(wall["fast"]).items()}}  # fmt: skip
     row["bf16_matmul_tflops"] = peak_flops / 1e12
     row["mfu"] = row["tokens_per_s"] * gpt_flops_per_token(cfg) / peak_flops
@@ -1089,24 +1096,35 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(1)  # one thread, like each DDP worker: the 1-vs-2-process comparison is per core
     result = {"machine": machine(), "threads": 1, "devices": args.devices, "batch_sizes": args.batch_sizes,
-              "quick": args.quick, "rows": [], "ratios": {}}  # fmt: skip
+              "quick": args.quick, "rows": [], "ratios": {}, "finished": []}  # fmt: skip
+
+    def finished(part: str) -> None:
+        """What is measured so far goes to the JSON at once: a run stopped at a time limit keeps it."""
+        result["finished"].append(part)
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as work_dir:
         for device in args.devices:
             if "loops" in args.parts:
                 result["rows"] += loop_rows(args, device, work_dir)
+                finished(f"{device} loops")
             if "ddp" in args.parts and (device == "cpu" or torch.cuda.device_count() > 1):
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)
                 result["rows"] += ddp_rows(args, device)
+                finished(f"{device} ddp")
             result["ratios"][device] = ratios(result["rows"], device)
             if "gpt" in args.parts:
                 print(f"{device} GPT ...", file=sys.stderr, flush=True)
                 result.setdefault("gpt", {})[device] = gpt_rows(args, device, work_dir)
+                finished(f"{device} gpt")
         if "reader" in args.parts:
             print("CSV readers ...", file=sys.stderr, flush=True)
             result["reader"] = reader_result(args, work_dir)
+            finished("reader")
         if "startup" in args.parts:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)
+            finished("startup")
     result["table"] = table(result)
     print(result["table"])
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

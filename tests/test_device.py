@@ -80,6 +80,9 @@ def test_gpu_check_script_runs_on_cpu_and_reports_every_skip(tmp_path):
     assert "GPU tests: 0 passed, 0 failed," in summary
     assert "skipped: test_single_gpu_reproduces_the_book: needs a CUDA GPU" in summary
     assert "skipped: test_two_gpus_equal_one_gpu_with_double_batch: needs 2 CUDA GPUs" in summary
+    # The GPT's GPU tests run too: its own (test_gpt.py) and its exact resume with dropout (test_gpu.py).
+    assert "skipped: test_gpu_bf16_run_keeps_the_books_vocabulary_rows: needs a CUDA GPU" in summary
+    assert "skipped: test_gpt_with_dropout_resumes_bit_exact_on_gpu: needs a CUDA GPU" in summary
     assert "benchmark, GPU rows: skipped (no CUDA GPU)" in proc.stdout
     assert proc.stdout.rstrip().endswith(f"gpu_check: OK (logs in {out})")
     assert {"environment.txt", "gpu_tests.log", "gpu_tests.xml", "summary.txt"} <= {p.name for p in out.iterdir()}
