@@ -61,15 +61,19 @@ from toyaccel.workloads.gpt import VOCAB_MULTIPLE  # noqa: E402
 NUM_FEATURES, NUM_CLASSES, SEED = 32, 4, 123
 LOOPS = ("book", "toyaccel", "ceiling")
 PARTS = ("loops", "ddp", "reader", "startup", "gpt")
-TARGETS = {  # the issues' targets, as ratios
-    "toyaccel_vs_book_b256": 3.0,
-    "toyaccel_vs_ceiling_b256": 0.9,
-    "epoch_vs_book_b256": 2.5,
-    "large_mlp_vs_matmul_peak": 0.85,
-    "ddp2_vs_1_process": 1.6,
+# The issues' targets, as ratios, for each device. On a GPU the loop is held to the same ceiling as on CPU,
+# and the large MLP runs under bf16 autocast against the bf16 matmul rate (issue 12); against the book's
+# loop, and for DDP, the targets are the CPU's.
+TARGETS = {
+    "cpu": {
+        "toyaccel_vs_book_b256": 3.0,
+        "toyaccel_vs_ceiling_b256": 0.9,
+        "epoch_vs_book_b256": 2.5,
+        "large_mlp_vs_matmul_peak": 0.85,
+        "ddp2_vs_1_process": 1.6,
+    },
+    "cuda": {"toyaccel_vs_ceiling_b256": 0.9, "large_mlp_vs_matmul_peak": 0.6},
 }
-# On a GPU the large MLP runs under bf16 autocast against the bf16 matmul rate (issue 12).
-DEVICE_TARGETS = {"cuda": {"large_mlp_vs_matmul_peak": 0.6}}
 # Mixed precision of the large MLP's rows: fp32 on CPU; bf16 on a GPU, where fp32 leaves the tensor cores idle.
 LARGE_PRECISION = {"cpu": "no", "cuda": "bf16"}
 READER_TARGETS = {"reader_vs_loadtxt_time": 1.5, "reader_peak_vs_tensor": 3.0}  # at most
@@ -435,6 +439,8 @@ def gpu_step_profile(loop, batch_size: int) -> dict:
         return {**figures, "profiler_error": str(e).splitlines()[0]}
     busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     copies = sum(e.count for e in events if "Memcpy HtoD" in e.key)
+    if busy_us == 0:  # a profiler without CUPTI may record no kernels rather than fail: no figure beats a false 0%
+        return {**figures, "profiler_error": "no CUDA activity recorded"}
     return {**figures, "wall_us_per_step": wall / steps * 1e6, "gpu_busy_us_per_step": busy_us / steps,
             "gpu_busy_of_wall": busy_us / (wall * 1e6), "copies_to_device_per_step": copies / steps}  # fmt: skip
 
@@ -995,7 +1001,7 @@ def table(result: dict) -> str:
     lines.append("\ntargets (ratios of this run's medians; in brackets: the same from CPU time):")
     for device in result["devices"]:
         got = result["ratios"][device]
-        for name, target in {**TARGETS, **DEVICE_TARGETS.get(device, {})}.items():
+        for name, target in TARGETS[device].items():
             if got.get(name) is None:
                 continue
             cpu = got.get(name + "_cpu")
