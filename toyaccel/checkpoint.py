@@ -180,8 +180,7 @@ def write_manifest(folder: Path, state: TrainerState) -> None:
         respect_umask(path, umask)
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = folder / STATE_FILE
-    manifest.write_text(json.dumps({**dataclasses.asdict(state), "files": files}, indent=2) + "\n")
-    respect_umask(manifest, umask)
+    manifest.write_text(json.dumps({**dataclasses.asdict(state), "files": files}, indent=2) + "\n")  # umask's mode
     # accelerate does not fsync what it writes; the rename that publishes the folder must not outlive the data.
     _fsync_all([*paths, manifest])
 

@@ -212,6 +212,9 @@ def placement_for(accelerator: Accelerator, config: TrainConfig, data):
     return choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
 
 
+FOLD_LOSSES = 1024
+
+
 def train_one_epoch(
     accelerator, model, optimizer, loader, sampler, state, config, logger, log_every, stops=None
 ) -> float | None:
@@ -242,7 +245,7 @@ def train_one_epoch(
     # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
     # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
     window_losses: list[torch.Tensor] = []
-    window_start = time.perf_counter()
+    window_micro_steps, window_start = 0, time.perf_counter()
     last_loss, micro_in_step = None, 0
     for inputs, targets in loader:
         with micro_step(model):
@@ -254,6 +257,9 @@ def train_one_epoch(
             micro_in_step += 1
             backward(loss)
             window_losses.append(loss.detach())
+            window_micro_steps += 1
+            if len(window_losses) == FOLD_LOSSES:  # a long window holds one tensor per FOLD_LOSSES steps
+                window_losses = [torch.stack(window_losses).sum()]
             if not accelerator.sync_gradients:
                 continue
             if config.max_grad_norm:
@@ -277,16 +283,15 @@ def train_one_epoch(
         window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch
         if window_ends or checkpoint_due or stop_signal:
             # The mean over processes and over the steps since the last log line.
-            micro_steps = len(window_losses)
-            last_loss = accelerator.reduce(torch.stack(window_losses).sum(), "mean").item() / micro_steps
+            last_loss = accelerator.reduce(torch.stack(window_losses).sum(), "mean").item() / window_micro_steps
             seconds = time.perf_counter() - window_start
-            samples_per_s = micro_steps * config.batch_size * accelerator.num_processes / seconds
+            samples_per_s = window_micro_steps * config.batch_size * accelerator.num_processes / seconds
             logger.log({
                 "kind": "step", "epoch": state.epoch + 1, "step": state.global_step, "loss": last_loss, "lr": lr,
                 "samples_per_s": samples_per_s, **workload.throughput(samples_per_s, config),
             })  # fmt: skip
             window_losses.clear()
-            window_start = time.perf_counter()
+            window_micro_steps, window_start = 0, time.perf_counter()
         if faults:
             maybe_inject_fault("step", state.global_step, accelerator.process_index)
         if stop_signal or (checkpoint_due and state.step_in_epoch < steps_per_epoch):
