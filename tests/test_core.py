@@ -205,3 +205,15 @@ def test_a_world_too_big_for_the_data_stops_at_start_up_with_what_to_change(tmp_
     assert proc.stderr.lstrip().startswith("error: the training set")
     assert f'File "{REPO / "toyaccel"}' not in proc.stderr  # no traceback through toyaccel, wherever it was cloned
     assert not (tmp_path / "run").exists()
+
+
+def test_a_log_line_is_the_mean_loss_of_its_steps_however_long_the_window(tmp_path):
+    """Training logs the mean of the step losses since the last line; a window of 1500 steps (the loop
+    folds its losses every 1024) gives the mean of what the same run logs step by step."""
+    options = dict(data="synthetic", num_samples=3000, epochs=1, val_fraction=0, progress=False, plot=False)
+    each = fit(output_dir=str(tmp_path / "each"), log_every=1, **options)
+    window = fit(output_dir=str(tmp_path / "window"), log_every=1500, **options)
+    steps = [r["loss"] for r in each.history if r["kind"] == "step"]
+    logged = [r for r in window.history if r["kind"] == "step"]
+    assert len(steps) == 1500 and [r["step"] for r in logged] == [1500]
+    assert logged[0]["loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
