@@ -493,6 +493,8 @@ def describe(config: TrainConfig, accelerator: Accelerator, data, device_details
     """One line, printed once, that says what this run is: where it runs (on a GPU: TF32, where the data
     lives), the data as read, where its files go and the options that apply."""
     said = {"data", "val_data", "val_fraction", "output_dir", "num_classes", "num_samples", "num_features"}
+    if accelerator.device.type != "cuda":  # GPU settings: device_details says what they did on a GPU
+        said |= {"tf32", "data_placement"}
     shown = {**applicable_options(config), **({} if config.log_every else {"log_every": "auto"})}  # 0 reads as "never"
     options = " ".join(f"{k}={v}" for k, v in shown.items() if k not in said)
     return (
