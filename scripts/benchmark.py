@@ -60,6 +60,8 @@ from toyaccel.workloads.gpt import VOCAB_MULTIPLE  # noqa: E402
 
 NUM_FEATURES, NUM_CLASSES, SEED = 32, 4, 123
 LOOPS = ("book", "toyaccel", "ceiling")
+COMPILED = "toyaccel_compiled"  # the large MLP's largest GPU batch, --compile
+MIN_GPU_STEPS = 64
 PARTS = ("loops", "ddp", "reader", "startup", "gpt")
 # The issues' targets, as ratios, for each device. On a GPU the loop is held to the same ceiling as on CPU,
 # and the large MLP runs under bf16 autocast against the bf16 matmul rate (issue 12); against the book's
@@ -226,14 +228,18 @@ class PreparedLoop:
 class ToyaccelLoop(PreparedLoop):
     """The MLP under toyaccel's loop."""
 
-    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir, placement="auto", val=None):
+    def __init__(self, features, labels, hidden, batch_size, accelerator, output_dir, placement="auto", val=None,
+                 compile=False):  # fmt: skip
         config = TrainConfig(
             data="synthetic", num_samples=labels.shape[0], num_features=NUM_FEATURES, num_classes=NUM_CLASSES,
             hidden=hidden, batch_size=batch_size, lr=0.1, seed=SEED, progress=False, plot=False,
             output_dir=output_dir, data_placement=placement,
+            epochs=1_000_000,  # more than the repeats: each epoch shuffles the next one's order ahead, as in fit
         )  # fmt: skip
         data = DataBundle(ToyDataset(features, labels), val, NUM_FEATURES, NUM_CLASSES, [])
         super().__init__(data, config, accelerator, output_dir)
+        if compile:  # as accelerate's prepare does under --compile (dynamo_backend="inductor")
+            self.model = torch.compile(self.model, backend="inductor")
 
 
 class EpochLoop(ToyaccelLoop):
@@ -336,10 +342,12 @@ def summary(wall: list[float], cpu: list[float] | None = None) -> dict:
 # Single-process groups: the three loops side by side for one model, batch size and device
 
 
-def loop_group(features, labels, model_name, hidden, batch_size, accelerator, args, work_dir) -> list[dict]:
+def loop_group(features, labels, model_name, hidden, batch_size, accelerator, args, work_dir, book_rows) -> list[dict]:
+    """The loops side by side; the book's (host-bound: its DataLoader collates sample by sample) on the
+    first ``book_rows`` samples only, which keeps a GPU's large epochs short."""
     device, precision = accelerator.device.type, accelerator.mixed_precision
     loops = {
-        "book": BookLoop(features, labels, hidden, batch_size, device, precision),
+        "book": BookLoop(features[:book_rows], labels[:book_rows], hidden, batch_size, device, precision),
         "toyaccel": ToyaccelLoop(
             features, labels, hidden, batch_size, accelerator, f"{work_dir}/{model_name}-{batch_size}"
         ),
@@ -348,6 +356,12 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
     large = model_name == "large"
     if not large:
         loops["epoch"] = EpochLoop(features, labels, hidden, batch_size, accelerator, f"{work_dir}/epoch-{batch_size}")
+    # On a GPU, the large MLP's largest batch also runs with --compile, whose fused elementwise kernels
+    # spare the memory traffic that bounds the eager model there (the first epoch, untimed, compiles).
+    compiled = large and device == "cuda" and batch_size == max(args.gpu_large_batch_sizes)
+    if compiled:
+        loops[COMPILED] = ToyaccelLoop(features, labels, hidden, batch_size, accelerator,
+                                       f"{work_dir}/{model_name}-{batch_size}-compiled", compile=True)  # fmt: skip
     if large:  # measured between the same repeats, so the peak sees the same neighbours
         loops["matmul_peak"] = MatmulPeak(max(hidden), device, args.peak_seconds, precision)
     steps = None
@@ -356,15 +370,16 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
         if device == "cuda" and model_name == "book" and batch_size == 256:
             steps = gpu_step_profile(loops["toyaccel"], batch_size)
     finally:
-        for name in ("toyaccel", "epoch"):
+        for name in ("toyaccel", "epoch", COMPILED):
             if name in loops:
                 loops[name].close()
     if device != "cpu":
         cpu = {name: None for name in loops}  # CPU time says nothing about a GPU's throughput
     rows = []
-    for name in [*LOOPS, "epoch"] if not large else LOOPS:
+    for name in [*LOOPS, "epoch"] if not large else [*LOOPS, *([COMPILED] if compiled else [])]:
         row = {"model": model_name, "hidden": list(hidden), "device": device, "processes": 1, "batch_size": batch_size}
-        row.update(loop=name, samples=labels.shape[0], launched=False, precision=precision)
+        samples = min(book_rows, labels.shape[0]) if name == "book" else labels.shape[0]
+        row.update(loop=name, samples=samples, launched=False, precision=precision)
         row.update(summary(wall[name], cpu[name]))
         if name == "toyaccel" and steps:
             row["steps"] = steps
@@ -385,15 +400,20 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
     return rows
 
 
-def loop_rows(args, device: str, work_dir: str) -> list[dict]:
-    rows = []
+def loop_rows(args, device: str, work_dir: str):
+    """The rows of each group of loops, one group at a time (so a run stopped at its limit keeps them)."""
     for model_name, hidden, samples, batch_sizes, precision in loop_plan(args, device):
+        # A GPU's large-batch epoch holds at least MIN_GPU_STEPS steps: at 8 steps an epoch, its fixed
+        # costs and the log lines' synchronisations (about ten an epoch, as in fit) would be what is timed.
+        rows = {b: samples if device == "cpu" else max(samples, MIN_GPU_STEPS * b) for b in batch_sizes}
         with device_accelerator(device, work_dir, precision) as accelerator:
-            features, labels = dataset(samples)
+            features, labels = dataset(max(rows.values()))
             for b in batch_sizes:
-                print(f"{device} {model_name} MLP, batch {b} ...", file=sys.stderr, flush=True)
-                rows += loop_group(features, labels, model_name, hidden, b, accelerator, args, work_dir)
-    return rows
+                print(f"{device} {model_name} MLP, batch {b} ...", end="", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                yield loop_group(features[: rows[b]], labels[: rows[b]], model_name, hidden, b, accelerator, args,
+                                 work_dir, book_rows=samples)  # fmt: skip
+                print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def loop_plan(args, device: str) -> list[tuple]:
@@ -889,6 +909,10 @@ def ratios(rows: list[dict], device: str) -> dict:
             best = max(large, key=lambda r: r["of_matmul_peak" + suffix])
             out["large_mlp_vs_matmul_peak" + suffix] = best["of_matmul_peak" + suffix]
             out["large_mlp_vs_matmul_peak_batch" + suffix] = best["batch_size"]
+        compiled = find(rows, device=device, model="large", loop=COMPILED, launched=False)
+        if compiled and compiled.get("of_matmul_peak" + suffix):
+            out["large_mlp_compiled_vs_matmul_peak" + suffix] = compiled["of_matmul_peak" + suffix]
+            out["large_mlp_compiled_vs_matmul_peak_batch" + suffix] = compiled["batch_size"]
     peaks = [r["gflops"] for r in rows if r["device"] == device and r["loop"] == "matmul_peak"]
     if peaks:
         out["matmul_peak_gflops"] = max(peaks)
@@ -982,6 +1006,10 @@ def table(result: dict) -> str:
         if peak:
             precision = LARGE_PRECISION.get(device, "no").replace("no", "fp32")
             lines.append(f"\nmatmul peak ({device}, {precision}, one thread): {peak:.1f} GFLOP/s")
+        compiled = result["ratios"][device].get("large_mlp_compiled_vs_matmul_peak")
+        if compiled:
+            batch = result["ratios"][device]["large_mlp_compiled_vs_matmul_peak_batch"]
+            lines.append(f"large MLP, toyaccel loop with --compile, batch {batch}: {compiled:.2f} of the matmul peak")
         steps = result["ratios"][device].get("steps")
         if steps:
             lines.append(steps_line(steps, device))
@@ -1104,15 +1132,20 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "threads": 1, "devices": args.devices, "batch_sizes": args.batch_sizes,
               "quick": args.quick, "rows": [], "ratios": {}, "finished": []}  # fmt: skip
 
-    def finished(part: str) -> None:
+    def save() -> None:
         """What is measured so far goes to the JSON at once: a run stopped at a time limit keeps it."""
-        result["finished"].append(part)
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+
+    def finished(part: str) -> None:
+        result["finished"].append(part)
+        save()
 
     with tempfile.TemporaryDirectory() as work_dir:
         for device in args.devices:
             if "loops" in args.parts:
-                result["rows"] += loop_rows(args, device, work_dir)
+                for rows in loop_rows(args, device, work_dir):
+                    result["rows"] += rows
+                    save()
                 finished(f"{device} loops")
             if "ddp" in args.parts and (device == "cpu" or torch.cuda.device_count() > 1):
                 print(f"{device} DDP launches ...", file=sys.stderr, flush=True)

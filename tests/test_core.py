@@ -85,6 +85,22 @@ def test_epoch_seed_gives_the_order_of_the_books_shuffled_dataloader():
     assert [int(b) for b in sampler] == book_order
 
 
+def test_orders_shuffled_an_epoch_ahead_are_the_books_dataloader_orders():
+    """train_one_epoch draws each epoch's seed one epoch early, so the sampler can shuffle the next order
+    in the background while an epoch trains: epoch after epoch, the orders stay the book's."""
+    torch.manual_seed(7)
+    loader = DataLoader(range(50), batch_size=1, shuffle=True)
+    book_orders = [[int(i) for batch in loader for i in batch] for _ in range(3)]
+    torch.manual_seed(7)
+    sampler = EpochBatchSampler(50, batch_size=1, global_batch=1)
+    seeds, orders = [draw_epoch_seed()], []
+    for epoch in range(3):
+        seeds.append(draw_epoch_seed())
+        sampler.start_epoch(seeds[epoch], next_epoch_seed=seeds[epoch + 1])
+        orders.append([int(b) for b in sampler])
+    assert orders == book_orders
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_global_batches_do_not_depend_on_the_world_size(world_size):
     single = EpochBatchSampler(23, batch_size=2 * world_size, global_batch=2 * world_size)

@@ -43,6 +43,7 @@ class TrainerState:
     step_in_epoch: int = 0  # optimizer steps done in this epoch
     global_step: int = 0  # optimizer steps done in the whole run
     epoch_seed: int | None = None  # the shuffle seed of the epoch in progress (None: not drawn yet)
+    next_epoch_seed: int | None = None  # the next epoch's, drawn one epoch ahead (None: not drawn yet)
     global_batch: int = 0  # samples per optimizer step, over all processes
     world_size: int = 1
     training: dict[str, Any] = field(default_factory=dict)  # TrainConfig.training_dict()
@@ -300,11 +301,37 @@ def set_aside_abandoned(output_dir: str, start_step: int) -> Path | None:
     return aside
 
 
+def _load_accelerate_state(accelerator, path: Path) -> None:
+    """``accelerator.load_state``, except where torch cannot load the optimizer: under FSDP with full
+    state dicts, torch's ``set_optimizer_state_dict`` asserts ("Expected device to be set") on an
+    optimizer that keeps no tensors, such as the book's SGD without momentum. All such an optimizer
+    holds is its param_groups (lr, ...), so those are restored from the same file instead."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    full = plugin is not None and getattr(plugin.state_dict_type, "name", None) == "FULL_STATE_DICT"
+    optimizers = accelerator._optimizers
+    if not (full and optimizers and all(_keeps_no_tensors(o.optimizer) for o in optimizers)):
+        accelerator.load_state(str(path))
+        return
+    accelerator._optimizers = []
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator._optimizers = optimizers
+    for index, optimizer in enumerate(optimizers):
+        saved = torch.load(path / ("optimizer.bin" if index == 0 else f"optimizer_{index}.bin"), weights_only=True)
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def _keeps_no_tensors(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.SGD) and all(g["momentum"] == 0 for g in optimizer.param_groups)
+
+
 def load_checkpoint(accelerator, path: Path, state: TrainerState, expected: TrainerState) -> TrainerState:
     """Restore model, optimizer and RNG from the verified checkpoint ``path`` (whose state is ``state``,
     checked against this run's ``expected`` state by ``plan_resume``)."""
     try:
-        accelerator.load_state(str(path))
+        _load_accelerate_state(accelerator, path)
         torch.set_rng_state(load_file(str(path / RNG_FILE))["torch"])
         # load_state restores accelerate's micro-step counter, which decides where gradients sync.
         # Checkpoints sit between optimizer steps, so the next micro-step starts a new step whatever

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -612,6 +614,11 @@ def draw_epoch_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_().item())
 
 
+@functools.cache
+def _shuffler() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="toyaccel-shuffle")
+
+
 class EpochBatchSampler:
     """Shuffled batches of one process's size, in an order that does not depend on the world size.
 
@@ -632,10 +639,20 @@ class EpochBatchSampler:
         self.device = torch.device(device)  # where the data is: batches are index tensors there
         self.epoch_seed: int | None = None
         self.start = 0
+        self._shuffled: dict[int, Future] = {}  # epoch seed -> its order, being shuffled in the background
 
     # Not named set_epoch: accelerate calls a sampler's set_epoch(iteration) on its own.
-    def start_epoch(self, epoch_seed: int, start: int = 0) -> None:
+    def start_epoch(self, epoch_seed: int, start: int = 0, next_epoch_seed: int | None = None) -> None:
+        """Start an epoch; with ``next_epoch_seed``, shuffle the next epoch's order in the background."""
         self.epoch_seed, self.start = epoch_seed, start
+        if next_epoch_seed is not None and next_epoch_seed not in self._shuffled:
+            self._shuffled[next_epoch_seed] = _shuffler().submit(self._shuffle, next_epoch_seed)
+
+    def _shuffle(self, seed: int) -> torch.Tensor:
+        # Drawn on the CPU whatever the device, so the order is the same everywhere; pinned for a GPU,
+        # so that its one copy per epoch does not block the host.
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed))
+        return order.pin_memory() if self.device.type == "cuda" else order
 
     @property
     def steps_per_epoch(self) -> int:
@@ -651,10 +668,9 @@ class EpochBatchSampler:
     def __iter__(self):
         if self.epoch_seed is None:
             raise RuntimeError("start_epoch() must be called before iterating")
-        generator = torch.Generator().manual_seed(self.epoch_seed)
-        # Drawn on the CPU whatever the device, so the order is the same everywhere; then one copy per
-        # epoch, so that no step waits for its indices.
-        order = torch.randperm(self.num_samples, generator=generator).to(self.device)
+        shuffled = self._shuffled.pop(self.epoch_seed, None)
+        order = shuffled.result() if shuffled else self._shuffle(self.epoch_seed)
+        order = order.to(self.device, non_blocking=True)  # one copy an epoch: no step waits for its indices
         end = self.start + self.steps_in_epoch() * self.global_batch
         return iter(order[self.start : end].split(self.batch_size))
 
