@@ -233,3 +233,13 @@ def test_a_log_line_is_the_mean_loss_of_its_steps_however_long_the_window(tmp_pa
     logged = [r for r in window.history if r["kind"] == "step"]
     assert len(steps) == 1500 and [r["step"] for r in logged] == [1500]
     assert logged[0]["loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
+
+
+def test_data_loader_workers_train_the_same_weights_epoch_after_epoch(tmp_path):
+    """--num-workers 2 feeds the same batches through a DataLoader whose worker processes are forked
+    each epoch, while the sampler shuffles the next epoch's order in a thread: the same weights as the
+    in-process batches, bit for bit, over several epochs."""
+    options = dict(data="synthetic", num_samples=600, epochs=4, val_fraction=0, progress=False, plot=False)
+    fit(output_dir=str(tmp_path / "in_process"), **options)
+    fit(output_dir=str(tmp_path / "workers"), num_workers=2, **options)
+    assert_weights_equal(weights(tmp_path / "workers"), weights(tmp_path / "in_process"))

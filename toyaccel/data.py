@@ -639,14 +639,14 @@ class EpochBatchSampler:
         self.device = torch.device(device)  # where the data is: batches are index tensors there
         self.epoch_seed: int | None = None
         self.start = 0
+        self.next_epoch_seed: int | None = None
         self._shuffled: dict[int, Future] = {}  # epoch seed -> its order, being shuffled in the background
 
     # Not named set_epoch: accelerate calls a sampler's set_epoch(iteration) on its own.
     def start_epoch(self, epoch_seed: int, start: int = 0, next_epoch_seed: int | None = None) -> None:
-        """Start an epoch; with ``next_epoch_seed``, shuffle the next epoch's order in the background."""
-        self.epoch_seed, self.start = epoch_seed, start
-        if next_epoch_seed is not None and next_epoch_seed not in self._shuffled:
-            self._shuffled[next_epoch_seed] = _shuffler().submit(self._shuffle, next_epoch_seed)
+        """Start an epoch; with ``next_epoch_seed``, the next epoch's order is shuffled in the background
+        while this one trains."""
+        self.epoch_seed, self.start, self.next_epoch_seed = epoch_seed, start, next_epoch_seed
 
     def _shuffle(self, seed: int) -> torch.Tensor:
         # Drawn on the CPU whatever the device, so the order is the same everywhere; pinned for a GPU,
@@ -671,6 +671,10 @@ class EpochBatchSampler:
         shuffled = self._shuffled.pop(self.epoch_seed, None)
         order = shuffled.result() if shuffled else self._shuffle(self.epoch_seed)
         order = order.to(self.device, non_blocking=True)  # one copy an epoch: no step waits for its indices
+        # Submitted only now: a DataLoader with workers has forked them by the time it asks for the order,
+        # and the shuffle is done long before the next epoch's workers are forked.
+        if self.next_epoch_seed is not None and self.next_epoch_seed not in self._shuffled:
+            self._shuffled[self.next_epoch_seed] = _shuffler().submit(self._shuffle, self.next_epoch_seed)
         end = self.start + self.steps_in_epoch() * self.global_batch
         return iter(order[self.start : end].split(self.batch_size))
 
