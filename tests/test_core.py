@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,21 @@ def test_orders_shuffled_an_epoch_ahead_are_the_books_dataloader_orders():
         sampler.start_epoch(seeds[epoch], next_epoch_seed=seeds[epoch + 1])
         orders.append([int(b) for b in sampler])
     assert orders == book_orders
+
+
+def test_data_loader_workers_fork_before_the_next_order_is_shuffled():
+    """One process with --num-workers: the DataLoader calls iter() on the sampler before forking its
+    workers (and again after). The next epoch's shuffle starts only with the first batch, so no thread
+    is busy shuffling while the workers fork, and the epoch after trains on the order shuffled ahead."""
+    sampler = EpochBatchSampler(64, batch_size=8, global_batch=8)
+    loader = DataLoader(range(64), batch_sampler=sampler, num_workers=2, multiprocessing_context="fork")
+    orders, shuffled_at_fork = [], []
+    os.register_at_fork(before=lambda: shuffled_at_fork.append(sorted(sampler._shuffled)))
+    for epoch_seed, next_epoch_seed in [(11, 12), (12, None)]:
+        sampler.start_epoch(epoch_seed, next_epoch_seed=next_epoch_seed)
+        orders.append([int(i) for batch in loader for i in batch])
+    assert shuffled_at_fork == [[], [], [12], [12]] and not sampler._shuffled  # epoch 2 took the order shuffled ahead
+    assert orders == [torch.randperm(64, generator=torch.Generator().manual_seed(s)).tolist() for s in (11, 12)]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -666,17 +666,19 @@ class EpochBatchSampler:
         return self.steps_in_epoch() * (self.global_batch // self.batch_size)
 
     def __iter__(self):
+        # A generator: nothing runs until the first batch is asked for. A DataLoader with workers calls
+        # iter() once before forking them (and again after); the shuffle thread must not be busy then.
         if self.epoch_seed is None:
             raise RuntimeError("start_epoch() must be called before iterating")
         shuffled = self._shuffled.pop(self.epoch_seed, None)
         order = shuffled.result() if shuffled else self._shuffle(self.epoch_seed)
         order = order.to(self.device, non_blocking=True)  # one copy an epoch: no step waits for its indices
-        # Submitted only now: a DataLoader with workers has forked them by the time it asks for the order,
+        # Submitted only now: a DataLoader with workers has forked them by the time it asks for a batch,
         # and the shuffle is done long before the next epoch's workers are forked.
         if self.next_epoch_seed is not None and self.next_epoch_seed not in self._shuffled:
             self._shuffled[self.next_epoch_seed] = _shuffler().submit(self._shuffle, self.next_epoch_seed)
         end = self.start + self.steps_in_epoch() * self.global_batch
-        return iter(order[self.start : end].split(self.batch_size))
+        yield from order[self.start : end].split(self.batch_size)
 
 
 def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig, pin_memory: bool = False) -> DataLoader:
