@@ -170,7 +170,7 @@ def forced_cpu(device: str):
 
 
 @contextlib.contextmanager
-def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"):
+def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no", compile: bool = False):
     """One Accelerator (built as toyaccel.fit builds it, TF32 on where the GPU has it) for a device's
     toyaccel loops of one precision: setting one up costs ~0.5 s, and a launched worker cannot set its
     process group up a second time."""
@@ -178,7 +178,8 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
     from toyaccel.training import build_accelerator, release
 
     with forced_cpu(device):
-        accelerator = build_accelerator(TrainConfig(output_dir=output_dir, mixed_precision=mixed_precision))
+        config = TrainConfig(output_dir=output_dir, mixed_precision=mixed_precision, compile=compile)
+        accelerator = build_accelerator(config)
     apply_tf32(True, accelerator.device)
     try:
         yield accelerator
@@ -193,7 +194,7 @@ class PreparedLoop:
 
     tokens_per_sample = 1
 
-    def __init__(self, data, config, accelerator, output_dir, log_every=None):
+    def __init__(self, data, config, accelerator, output_dir):
         from toyaccel.metrics import MetricsLogger
         from toyaccel.training import set_up_training
 
@@ -205,7 +206,7 @@ class PreparedLoop:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
             self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
-        self.log_every = log_every or max(1, self.sampler.steps_per_epoch // 10)  # fit's default: ~10 lines an epoch
+        self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)  # as train() sets it
 
     def epoch(self) -> int:
         from toyaccel.training import train_one_epoch
@@ -370,13 +371,13 @@ def loop_group(features, labels, model_name, hidden, batch_size, accelerator, ar
         if device == "cuda" and model_name == "book" and batch_size == 256:
             steps = gpu_step_profile(loops["toyaccel"], batch_size)
     finally:
-        for name in ("toyaccel", "epoch", COMPILED):
-            if name in loops:
-                loops[name].close()
+        for loop in loops.values():
+            if isinstance(loop, PreparedLoop):
+                loop.close()
     if device != "cpu":
         cpu = {name: None for name in loops}  # CPU time says nothing about a GPU's throughput
     rows = []
-    for name in [*LOOPS, "epoch"] if not large else [*LOOPS, *([COMPILED] if compiled else [])]:
+    for name in [name for name in loops if name != "matmul_peak"]:
         row = {"model": model_name, "hidden": list(hidden), "device": device, "processes": 1, "batch_size": batch_size}
         samples = min(book_rows, labels.shape[0]) if name == "book" else labels.shape[0]
         row.update(loop=name, samples=samples, launched=False, precision=precision)
@@ -486,9 +487,9 @@ def book_gpt():
 
 def gpt_tokens(num_tokens: int) -> torch.Tensor:
     """The synthetic text read byte by byte: ids below 256, inside any vocabulary used here."""
-    from toyaccel.text import synthetic_text
+    from toyaccel.text import ByteTokenizer, synthetic_text
 
-    return torch.tensor(list(synthetic_text(num_tokens, SEED).encode()), dtype=torch.int64)
+    return torch.tensor(ByteTokenizer().encode(synthetic_text(num_tokens, SEED)), dtype=torch.int64)
 
 
 class BookGPTLoop:
@@ -515,10 +516,10 @@ class GPTLoop(PreparedLoop):
         from toyaccel.text import ByteTokenizer, TextBundle, TextWindows
 
         config = TrainConfig(model="gpt", data="synthetic", batch_size=batch_size, seed=SEED, progress=False,
-                             plot=False, output_dir=output_dir, **cfg, **options)  # fmt: skip
+                             plot=False, output_dir=output_dir, log_every=1, **cfg, **options)  # fmt: skip
         context = cfg["context_length"]
         data = TextBundle(TextWindows(ids, context, context), None, ByteTokenizer(), "the synthetic text")
-        super().__init__(data, config, accelerator, output_dir, 1)
+        super().__init__(data, config, accelerator, output_dir)
         self.tokens_per_sample = context
 
     @property
@@ -635,15 +636,8 @@ def gpt_rows(args, device: str, work_dir: str) -> dict:
 
 
 def gpt_fast_row(args, cfg: dict, work_dir: str, device: str = "cuda", compile: bool = True) -> dict:
-    from toyaccel.device import apply_tf32
-    from toyaccel.launch import build_accelerator
-    from toyaccel.training import release
-
     options = {"mixed_precision": "bf16", "compile": compile}
-    with forced_cpu(device):
-        accelerator = build_accelerator(TrainConfig(model="gpt", output_dir=work_dir, **options))
-    apply_tf32(True, accelerator.device)  # as toyaccel.fit does (its default --tf32)
-    try:
+    with device_accelerator(device, work_dir, **options) as accelerator:
         batch = args.gpt_gpu_batch_size if device == "cuda" else args.gpt_batch_size
         ids = gpt_tokens(args.gpt_steps * batch * cfg["context_length"] + 1)
         loop = GPTLoop(ids, cfg, batch, accelerator, f"{work_dir}/gpt-fast", **options)
@@ -652,8 +646,6 @@ def gpt_fast_row(args, cfg: dict, work_dir: str, device: str = "cuda", compile: 
             wall, _ = measure({"fast": loop}, device, 0, args.gpt_repeats)
         finally:
             loop.close()
-    finally:
-        release(accelerator)
     peak = MatmulPeak(8192 if device == "cuda" else 512, device, precision="bf16")
     rates = []
     for _ in range(3):
@@ -781,16 +773,9 @@ def reader_peak_main(reader: str, path: str) -> None:
 
     import toyaccel.data  # noqa: F401
 
-    status = Path("/proc/self/status")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident size
-    before = resident_kib(status, "VmRSS")
+    before = reset_peak_memory("cpu")
     read_csv_with(reader, path)
-    print(json.dumps({"peak_bytes": (resident_kib(status, "VmHWM") - before) * 1024}))
-
-
-def resident_kib(status: Path, key: str) -> int:
-    line = next(line for line in status.read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1])
+    print(json.dumps({"peak_bytes": round((peak_memory("cpu") - before) * 2**20)}))
 
 
 def reader_result(args, work_dir: str) -> dict:

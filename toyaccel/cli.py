@@ -41,8 +41,8 @@ def with_default(f: dataclasses.Field) -> str:
         return help_text
     if f.default == 0 and "(0 = " in help_text:
         return help_text
-    if f.default == () or f.default is True:
-        return help_text if f.default == () else f"{help_text} (default: on)"
+    if f.default is True:
+        return f"{help_text} (default: on)"
     return f"{help_text} (default: {f.default})"
 
 

@@ -311,17 +311,17 @@ def applicable_options(config: TrainConfig) -> dict[str, Any]:
     What the start-up line prints and config.json keeps."""
     csv_only = ("label_column", "ignore_columns")
     synthetic_only = ("num_samples", "num_features")
-    d = config.to_dict()
     other_family = MLP_OPTIONS if config.model == "gpt" else GPT_OPTIONS
-    for name, value in config.to_dict().items():
+
+    def applies(name: str, value: Any) -> bool:
         unset = value is None or value == [] or value == "" or (name == "val_fraction" and not value)
         if unset or name in other_family:
-            del d[name]
-        elif name in csv_only and config.data in ("toy", "synthetic"):
-            del d[name]
-        elif name in synthetic_only and config.data != "synthetic":
-            del d[name]
-    return d
+            return False
+        if name in csv_only:
+            return config.data not in ("toy", "synthetic")
+        return name not in synthetic_only or config.data == "synthetic"
+
+    return {name: value for name, value in config.to_dict().items() if applies(name, value)}
 
 
 def flag(name: str) -> str:

@@ -124,8 +124,11 @@ def load_data(config: TrainConfig) -> DataBundle:
     rows_read = len(train)
     if config.val_fraction:
         train, val = split(train, config.val_fraction, config.seed)
-    num_classes = check_labels(train, val, config) if source is None else len(classes.names)
-    classes = classes if len(classes.names) == num_classes else index_classes(num_classes)
+    if source is None:  # toy or synthetic training data: classes are numbers 0..K-1
+        num_classes = check_labels(train, val, config)
+        classes = index_classes(num_classes)
+    else:
+        num_classes = len(classes.names)
     bundle = DataBundle(
         train, val, train.features.shape[1], num_classes, names, classes=classes.names,
         source=source_words(config), rows_read=rows_read, val_source=val_source_words(config, val),
@@ -423,13 +426,22 @@ def parse_number(path: str, row_no: int, column: str, cell: str) -> float:
     if not cell.strip():
         raise ToyaccelError(f"{path}: row {row_no}, column '{column}': empty cell (every feature needs a number)")
     try:
-        value = float(cell)
+        return checked_float(cell)
+    except ValueError as e:
+        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': {e}") from None
+
+
+def checked_float(cell: str) -> float:
+    """``cell`` as a number a float32 tensor holds; ValueError saying why it is not one."""
+    text = cell.strip()
+    try:
+        value = float(text)
     except ValueError:
-        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': not a number: {cell.strip()!r}") from None
+        raise ValueError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
-        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': {cell.strip()} is not a finite number")
+        raise ValueError(f"{text} is not a finite number")
     if abs(value) > FLOAT32_MAX:
-        raise ToyaccelError(f"{path}: row {row_no}, column '{column}': {cell.strip()} is too large for float32")
+        raise ValueError(f"{text} is too large for float32")
     return value
 
 
@@ -518,13 +530,9 @@ def check_class_numbers(table: Table, num_classes: int) -> None:
 def class_number_error(cell: str, num_classes: int) -> str | None:
     """Why ``cell`` is not a class number 0..num_classes-1 (the messages labels always had), or None."""
     try:
-        value = float(cell)
-    except ValueError:
-        return f"not a number: {cell!r}"
-    if not math.isfinite(value):
-        return f"{cell} is not a finite number"
-    if abs(value) > FLOAT32_MAX:
-        return f"{cell} is too large for float32"
+        value = checked_float(cell)
+    except ValueError as e:
+        return str(e)
     if value != int(value) or value < 0:
         return f"a label must be a class number 0, 1, 2, ..., got {cell}"
     if value >= num_classes:

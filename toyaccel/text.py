@@ -84,6 +84,11 @@ def best_possible_loss(config) -> float | None:
     return None
 
 
+def source_text(source: str, num_chars: int, seed: int) -> str:
+    """The text a ``--data`` value names: the seeded synthetic text, or a file's."""
+    return synthetic_text(num_chars, seed) if source == "synthetic" else read_text(source)
+
+
 def synthetic_text(num_chars: int, seed: int) -> str:
     """``num_chars`` characters of a seeded Markov chain; its own generator leaves the global RNG alone."""
     transitions, stationary = synthetic_chain(seed)
@@ -353,10 +358,8 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str | None]:
 
 def load_text_data(config) -> TextBundle:
     """Training and validation windows for a ``--model gpt`` config; ToyaccelError on any bad input."""
-    if config.data == "synthetic":
-        text, source = synthetic_text(config.num_samples, config.seed), "the synthetic text"
-    else:
-        text, source = read_text(config.data), config.data
+    text = source_text(config.data, config.num_samples, config.seed)
+    source = "the synthetic text" if config.data == "synthetic" else config.data
     train_text, val_text = split_text(text, config.val_fraction)
     if config.val_data:
         val_text = read_text(config.val_data)

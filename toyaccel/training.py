@@ -223,8 +223,8 @@ def train_one_epoch(
     stops = stops or StopRequests()
     if state.epoch_seed is None:
         maybe_drift_rng(accelerator.process_index)
-        drawn = state.next_epoch_seed is not None
-        state.epoch_seed, state.next_epoch_seed = state.next_epoch_seed if drawn else draw_epoch_seed(), None
+        ahead = state.next_epoch_seed
+        state.epoch_seed, state.next_epoch_seed = (ahead if ahead is not None else draw_epoch_seed()), None
     # The next epoch's seed is drawn now, so the sampler can shuffle its order while this epoch trains
     # (on a GPU the shuffle would otherwise leave the device idle: ~16 ns a sample on the host). Nothing
     # between here and the next epoch draws from the global RNG, so the seeds are the book's.

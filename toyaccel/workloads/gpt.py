@@ -12,7 +12,7 @@ from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.metrics import say
-from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, synthetic_text
+from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, source_text
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
@@ -82,20 +82,18 @@ def evaluate(accelerator, model, loader) -> dict[str, Any]:
     """Token-weighted cross-entropy over every window exactly once, and its perplexity."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.int64)
+    tokens = 0
     for inputs, targets in loader:
         logits = model(inputs).float()
         per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         # Per-window sums, gathered: gather_for_metrics drops the windows accelerate repeated to give
         # every process a full batch, and float64 sums of float32 terms do not depend on their order.
-        window_sums = per_token.view(targets.shape).sum(dim=1, dtype=torch.float64)
-        window_tokens = torch.full_like(window_sums, targets.shape[1], dtype=torch.int64)
-        window_sums, window_tokens = accelerator.gather_for_metrics((window_sums, window_tokens))
+        window_sums = accelerator.gather_for_metrics(per_token.view(targets.shape).sum(dim=1, dtype=torch.float64))
         loss_sum += window_sums.sum()
-        tokens += window_tokens.sum()
+        tokens += window_sums.numel() * targets.shape[1]  # every window holds context_length targets
     model.train()
-    mean = loss_sum.item() / int(tokens)
-    return {"loss": mean, "perplexity": perplexity(mean), "tokens": int(tokens)}
+    mean = loss_sum.item() / tokens
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": tokens}
 
 
 def epoch_fields(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -261,16 +259,12 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
-            source = options["data"]
-            full = (
-                synthetic_text(options["num_samples"], options["seed"]) if source == "synthetic" else read_text(source)
-            )
+            full = source_text(options["data"], options["num_samples"], options["seed"])
             text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
         else:
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
     else:
-        text, what = (synthetic_text(options["num_samples"], options["seed"]), "synthetic") if data == "synthetic" \
-            else (read_text(data), data)  # fmt: skip
+        text, what = source_text(data, options["num_samples"], options["seed"]), data
     context = saved["model"]["context_length"]
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     dataset = TextWindows(ids, context, options.get("stride") or context)
