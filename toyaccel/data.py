@@ -774,13 +774,18 @@ def eval_batches(dataset: ToyDataset, batch_size: int, device: torch.device, pro
     scored exactly once and metrics are one sum over processes: no padded rows to trim, no gather per
     batch. Every process yields the same number of batches (its last ones may be empty): a sharded
     model (FSDP) needs every process in each forward."""
-    n = len(dataset)
+    for low, high in eval_shares(len(dataset), batch_size, process_index, num_processes):
+        yield to_device((dataset.features[low:high], dataset.labels[low:high]), device)
+
+
+def eval_shares(num_samples: int, batch_size: int, process_index: int = 0, num_processes: int = 1):
+    """The (start, end) rows of this process's evaluation batches (see eval_batches)."""
+    n = num_samples
     start, end = n * process_index // num_processes, n * (process_index + 1) // num_processes
     rounds = math.ceil(math.ceil(n / num_processes) / batch_size)
     for r in range(rounds):
         low = min(end, start + r * batch_size)
-        high = min(end, low + batch_size)
-        yield to_device((dataset.features[low:high], dataset.labels[low:high]), device)
+        yield low, min(end, low + batch_size)
 
 
 def training_sample(dataset: ToyDataset, rows: int, seed: int) -> ToyDataset:

@@ -78,9 +78,9 @@ class SavedRun:
 
 
 def gpt_workload():
-    from toyaccel.workloads import get_workload
+    from toyaccel.workloads import gpt
 
-    return get_workload("gpt")
+    return gpt
 
 
 def load_run(run_dir: str | Path) -> SavedRun:

@@ -1,0 +1,1 @@
+"""The engine: Accelerate-facing and model-agnostic; it trains any ``Workload`` and imports none."""
