@@ -6,7 +6,7 @@
 
 On the same synthetic data (64k samples x 32 features x 4 classes) it times one epoch of:
   book      the book's loop: per-sample Dataset.__getitem__, default DataLoader(shuffle=True), plain PyTorch;
-  toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on what set_up_training,
+  toyaccel  toyaccel's own loop under Accelerate (toyaccel.engine.trainer.train_one_epoch on what set_up_training,
             train()'s own set-up, prepares);
   ceiling   the same model and SGD over pre-sliced batch tensors: no loader, no Accelerate;
 for the book's MLP (hidden 30,20) and a large MLP (2048,2048; its epoch is the first 8k rows) whose
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
 from toyaccel.data import DataBundle, ToyDataset, synthetic_blobs  # noqa: E402
-from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
+from toyaccel.engine.launch import MPI_AS_ROOT_ENV  # noqa: E402
 from toyaccel.model import NeuralNetwork  # noqa: E402
 from toyaccel.workloads.gpt import VOCAB_MULTIPLE  # noqa: E402
 
@@ -174,8 +174,8 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
     """One Accelerator (built as toyaccel.fit builds it, TF32 on where the GPU has it) for a device's
     toyaccel loops of one precision: setting one up costs ~0.5 s, and a launched worker cannot set its
     process group up a second time."""
-    from toyaccel.device import apply_tf32
-    from toyaccel.training import build_accelerator, release
+    from toyaccel.engine.placement import apply_tf32
+    from toyaccel.engine.trainer import build_accelerator, release
 
     with forced_cpu(device):
         config = TrainConfig(output_dir=output_dir, mixed_precision=mixed_precision, compile=compile)
@@ -188,15 +188,15 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
 
 
 class PreparedLoop:
-    """toyaccel's training loop for any workload, set up by toyaccel.training.set_up_training as train() sets
+    """toyaccel's training loop for any workload, set up by toyaccel.engine.trainer.set_up_training as train() sets
     it up (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
     prepared. ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
 
     tokens_per_sample = 1
 
     def __init__(self, data, config, accelerator, output_dir):
-        from toyaccel.metrics import MetricsLogger
-        from toyaccel.training import set_up_training
+        from toyaccel.engine.reporting import MetricsLogger
+        from toyaccel.engine.trainer import set_up_training
 
         self.config = config
         self.accelerator = accelerator
@@ -209,7 +209,7 @@ class PreparedLoop:
         self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)  # as train() sets it
 
     def epoch(self) -> int:
-        from toyaccel.training import train_one_epoch
+        from toyaccel.engine.trainer import train_one_epoch
 
         first_step = self.state.global_step
         # The log lines are part of the loop's cost, but not of this script's output.
@@ -253,7 +253,7 @@ class EpochLoop(ToyaccelLoop):
         super().__init__(features, labels, hidden, batch_size, accelerator, output_dir, val=val)
 
     def epoch(self) -> int:
-        from toyaccel.checkpoint import save_checkpoint
+        from toyaccel.engine.checkpoint import save_checkpoint
 
         samples = super().epoch()
         self.score(self.model)  # fit's epoch-end evaluation: the validation set and the training-set sample
@@ -263,7 +263,7 @@ class EpochLoop(ToyaccelLoop):
     def settle(self) -> None:
         """Untimed, after each epoch: fit publishes a checkpoint (fsyncs, rename) in a thread while the next
         epoch trains, so the epoch does not wait for it; nor should the next loop's timing pay for it."""
-        from toyaccel.checkpoint import wait_for_checkpoint
+        from toyaccel.engine.checkpoint import wait_for_checkpoint
 
         wait_for_checkpoint()
 

@@ -39,8 +39,8 @@ from conftest import (
     weights,
 )
 
-from toyaccel.checkpoint import STATE_FILE, checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import STATE_FILE, checkpoint_dirs, verify_checkpoint
 
 RUN = ("--data", "synthetic", "--num-samples", "24", "--epochs", "2", "--checkpoint-every", "3", "--log-every", "2")
 RUN += ("--no-plot", "--no-progress")

@@ -14,7 +14,7 @@ from conftest import REPO, accelerate_launch
 from packaging.requirements import Requirement
 
 from toyaccel import fit
-from toyaccel.checkpoint import TrainerState, checkpoint_dirs, verify_checkpoint, write_manifest
+from toyaccel.engine.checkpoint import TrainerState, checkpoint_dirs, verify_checkpoint, write_manifest
 from toyaccel.errors import ToyaccelError
 
 

@@ -10,10 +10,10 @@ Public API::
 """
 
 from toyaccel.config import TrainConfig
+from toyaccel.engine.run_dir import load_model
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPTModel
 from toyaccel.model import NeuralNetwork
-from toyaccel.outputs import load_model
 
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "fit", "RunResult", "load_model", "NeuralNetwork", "GPTModel", "ToyaccelError", "__version__"]
@@ -22,7 +22,7 @@ __all__ = ["TrainConfig", "fit", "RunResult", "load_model", "NeuralNetwork", "GP
 def __getattr__(name):
     # fit and RunResult pull in accelerate; importing them lazily keeps `import toyaccel` light.
     if name in ("fit", "RunResult"):
-        from toyaccel import training
+        from toyaccel.engine import trainer
 
-        return getattr(training, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module 'toyaccel' has no attribute {name!r}")

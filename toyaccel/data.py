@@ -756,7 +756,7 @@ def build_train_loader(
     from accelerate.state import PartialState  # slow to import: predict needs only the readers above
     from accelerate.utils import DistributedType
 
-    # The sampler's indices live where the data does (on a GPU when it fits there: toyaccel.device).
+    # The sampler's indices live where the data does (on a GPU when it fits there: toyaccel.engine.placement).
     sampler = EpochBatchSampler(len(dataset), config.batch_size, global_batch, dataset_device(dataset))
     state = PartialState()  # the process and device of the Accelerator in use
     # Worker processes, and the backends whose loaders accelerate itself must wrap, keep the DataLoader.

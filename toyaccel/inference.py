@@ -28,10 +28,10 @@ from toyaccel.data import (
     read_table,
     saved_classes,
 )
+from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.run_dir import load_model, read_run_config, write_atomic
 from toyaccel.errors import ToyaccelError
-from toyaccel.launch import launched_world_size
 from toyaccel.model import NeuralNetwork
-from toyaccel.outputs import load_model, read_run_config, write_atomic
 from toyaccel.workloads import workload_of_run
 from toyaccel.workloads.mlp import EVAL_BATCH_SIZE
 
@@ -175,7 +175,7 @@ def evaluate_run(
     ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import on_accelerator  # accelerate is slow to import
+    from toyaccel.engine.trainer import on_accelerator  # accelerate is slow to import
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
@@ -190,7 +190,7 @@ def evaluate_run(
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     """The training loop's evaluation of the prepared model, the rows kept where training keeps them."""
-    from toyaccel.device import choose_placement
+    from toyaccel.engine.placement import choose_placement
     from toyaccel.workloads.mlp import evaluate
 
     num_classes = model.layers[-1].out_features

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import TrainConfig
+from toyaccel.engine.reporting import say
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
-from toyaccel.metrics import say
 from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, source_text
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
@@ -96,7 +96,7 @@ class GPTWorkload(Workload):
 
     def save_extras(self, output_dir: str, data: TextBundle) -> None:
         """tokenizer.json: with config.json, all toyaccel-generate needs (a gpt2 run names tiktoken's)."""
-        from toyaccel.outputs import write_atomic
+        from toyaccel.engine.run_dir import write_atomic
 
         write_atomic(Path(output_dir) / "tokenizer.json", lambda p: Path(p).write_text(data.tokenizer.to_json()))
 
@@ -192,7 +192,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
 
 def load_gpt_run(run_dir: str | Path):
     """The model, tokenizer and config.json of a saved ``--model gpt`` run."""
-    from toyaccel.outputs import load_model, read_run_config
+    from toyaccel.engine.run_dir import load_model, read_run_config
     from toyaccel.text import load_tokenizer
     from toyaccel.workloads import workload_of_run
 
@@ -209,7 +209,7 @@ def generate_from_run(
     top_k: int | None = None, seed: int = 123, context_length: int | None = None,
 ) -> str:  # fmt: skip
     """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
-    from toyaccel.launch import launched_world_size
+    from toyaccel.engine.launch import launched_world_size
 
     if launched_world_size() > 1:
         raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
@@ -240,8 +240,8 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
     from toyaccel.config import build_config
+    from toyaccel.engine.trainer import on_accelerator
     from toyaccel.text import TextWindows, read_text, split_text
-    from toyaccel.training import on_accelerator
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
@@ -268,7 +268,7 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
 
 def evaluate_prepared(accelerator, model, windows, config: TrainConfig) -> dict[str, Any]:
     """The training's evaluation of the prepared model over ``windows``, kept where training keeps them."""
-    from toyaccel.device import choose_placement
+    from toyaccel.engine.placement import choose_placement
 
     loader = prepared_eval_loader(accelerator, windows, config, choose_placement([windows], accelerator.device, 0))
     return evaluate(accelerator, accelerator.prepare(model), loader)

@@ -40,7 +40,7 @@ class MLPWorkload(Workload):
     def evaluator(self, accelerator, config: TrainConfig, data: DataBundle, placement):
         """What scores the model at an epoch's end: the training rows (a fixed sample of them unless
         --eval-train full) and the validation rows, straight from the tensors (no loader to prepare), kept
-        where ``placement`` (toyaccel.device) keeps the training data."""
+        where ``placement`` (toyaccel.engine.placement) keeps the training data."""
         sets = {name: placement.place(dataset) for name, dataset in evaluation_sets(config, data).items()}
         return lambda model: evaluate_sets(accelerator, model, sets, data.num_classes, config)
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from toyaccel.engine.faults import maybe_inject_fault
+from toyaccel.engine.run_dir import current_umask, read_run_config, respect_umask
 from toyaccel.errors import ToyaccelError
-from toyaccel.faults import maybe_inject_fault
-from toyaccel.outputs import current_umask, read_run_config, respect_umask
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"

@@ -25,7 +25,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
-from toyaccel.checkpoint import (
+from toyaccel.config import TrainConfig, applicable_options
+from toyaccel.data import EpochBatchSampler, build_train_loader, draw_epoch_seed
+from toyaccel.engine.checkpoint import (
     ResumePlan,
     TrainerState,
     load_checkpoint,
@@ -34,15 +36,13 @@ from toyaccel.checkpoint import (
     set_aside_abandoned,
     wait_for_checkpoint,
 )
-from toyaccel.config import TrainConfig, applicable_options
-from toyaccel.data import EpochBatchSampler, build_train_loader, draw_epoch_seed
-from toyaccel.device import DataPlacement, apply_tf32, choose_placement, gpu_description
-from toyaccel.errors import Interrupted, ToyaccelError
-from toyaccel.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_stall
-from toyaccel.interrupts import StopRequests
-from toyaccel.launch import build_accelerator, check_world
-from toyaccel.metrics import MetricsLogger, say
-from toyaccel.outputs import (
+from toyaccel.engine.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_stall
+from toyaccel.engine.interrupts import StopRequests
+from toyaccel.engine.launch import build_accelerator, check_world
+from toyaccel.engine.placement import DataPlacement, apply_tf32, choose_placement, gpu_description
+from toyaccel.engine.plots import plot_metrics
+from toyaccel.engine.reporting import MetricsLogger, say
+from toyaccel.engine.run_dir import (
     claim_for_this_launch,
     default_output_dir,
     launch_id,
@@ -51,7 +51,7 @@ from toyaccel.outputs import (
     save_weights,
     write_json,
 )
-from toyaccel.plots import plot_metrics
+from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.workloads import get_workload
 
 
@@ -208,7 +208,7 @@ def set_up_training(accelerator: Accelerator, config: TrainConfig, data, placeme
 
 
 def placement_for(accelerator: Accelerator, config: TrainConfig, data):
-    """Where --data-placement keeps the training and validation tensors (toyaccel.device)."""
+    """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
     return choose_placement([data.train, data.val], accelerator.device, config.num_workers, config.data_placement)
 
 

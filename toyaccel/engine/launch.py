@@ -60,7 +60,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from toyaccel.device import dataloader_configuration
+    from toyaccel.engine.placement import dataloader_configuration
 
     # A multi-process launch on a machine without CUDA would otherwise give N processes that each
     # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
