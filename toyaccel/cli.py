@@ -123,7 +123,7 @@ def tell_the_launcher(line: str) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     def main() -> None:
         config = parse_train_args(argv)
-        from toyaccel.engine.trainer import fit  # imported late: `--help` and option errors need no torch start-up
+        from toyaccel.runner import fit  # imported late: `--help` and option errors need no torch start-up
 
         fit(config)
 

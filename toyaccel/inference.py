@@ -29,9 +29,10 @@ from toyaccel.data import (
     saved_classes,
 )
 from toyaccel.engine.launch import launched_world_size
-from toyaccel.engine.run_dir import load_model, read_run_config, write_atomic
+from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
 from toyaccel.model import NeuralNetwork
+from toyaccel.saved import load_model, read_run_config
 from toyaccel.workloads import workload_of_run
 from toyaccel.workloads.mlp import EVAL_BATCH_SIZE
 
@@ -175,7 +176,7 @@ def evaluate_run(
     ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.engine.trainer import on_accelerator  # accelerate is slow to import
+    from toyaccel.engine.accelerator import on_accelerator  # accelerate is slow to import
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from toyaccel.engine.faults import maybe_inject_fault
-from toyaccel.engine.run_dir import current_umask, read_run_config, respect_umask
+from toyaccel.engine.run_dir import current_umask, read_config_json, respect_umask
 from toyaccel.errors import ToyaccelError
 
 STATE_FILE = "trainer_state.json"
@@ -119,36 +118,46 @@ _publishing: Future | None = None
 _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toyaccel-checkpoint")
 
 
-def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last: int) -> Path:
-    """Write a checkpoint of the current step; every process must call this.
+class Checkpointer:
+    """Writes this run's checkpoints into ``output_dir/checkpoints``, keeping the newest ``keep_last``
+    (0: all); ``hooks`` (toyaccel.engine.faults) is called with a checkpoint half written."""
 
-    The files are written before this returns, so they hold this step's state; making them durable and
-    publishing the folder under its final name (the fsyncs wait on the disk, ~5-10 ms a checkpoint, about
-    5% of a small model's epoch) goes on in a thread while training continues. Until then the folder is
-    a ``.tmp-`` one that resume never reads, so a crash meanwhile resumes from the checkpoint before.
-    ``wait_for_checkpoint`` waits for it; the next checkpoint, the end of training, an interrupt and the
-    interpreter's exit do.
-    """
-    global _publishing
-    wait_for_checkpoint()
-    root = Path(output_dir) / "checkpoints"
-    final = root / f"step_{state.global_step}"
-    tmp = root / f".tmp-step_{state.global_step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    maybe_inject_fault("checkpoint", state.global_step, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # Every process holds the same global RNG state (same seed, same draws), so one copy serves
-        # any number of processes on resume, including a different number.
-        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        # The state as of this step: training goes on changing ``state`` while the thread runs.
-        _publishing = _publisher.submit(_publish, tmp, final, dataclasses.replace(state), output_dir, keep_last)
-    accelerator.wait_for_everyone()
-    return final
+    def __init__(self, accelerator, output_dir: str, keep_last: int, hooks=None):
+        self.accelerator, self.output_dir, self.keep_last, self.hooks = accelerator, output_dir, keep_last, hooks
+
+    def save(self, state: TrainerState) -> Path:
+        """Write a checkpoint of the current step; every process must call this.
+
+        The files are written before this returns, so they hold this step's state; making them durable and
+        publishing the folder under its final name (the fsyncs wait on the disk, ~5-10 ms a checkpoint, about
+        5% of a small model's epoch) goes on in a thread while training continues. Until then the folder is
+        a ``.tmp-`` one that resume never reads, so a crash meanwhile resumes from the checkpoint before.
+        ``wait_for_checkpoint`` waits for it; the next checkpoint, the end of training, an interrupt and the
+        interpreter's exit do.
+        """
+        global _publishing
+        accelerator = self.accelerator
+        wait_for_checkpoint()
+        root = Path(self.output_dir) / "checkpoints"
+        final = root / f"step_{state.global_step}"
+        tmp = root / f".tmp-step_{state.global_step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if self.hooks is not None:
+            self.hooks.in_checkpoint(state.global_step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # Every process holds the same global RNG state (same seed, same draws), so one copy serves
+            # any number of processes on resume, including a different number.
+            save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
+            # The state as of this step: training goes on changing ``state`` while the thread runs.
+            snapshot = dataclasses.replace(state)
+            _publishing = _publisher.submit(_publish, tmp, final, snapshot, self.output_dir, self.keep_last)
+        accelerator.wait_for_everyone()
+        return final
 
 
 def wait_for_checkpoint() -> None:
@@ -276,7 +285,7 @@ def newest_complete_checkpoint(output_dir: str, say=print) -> tuple[Path, Traine
 def same_run_in(output_dir: str, expected: TrainerState) -> bool:
     """Whether ``output_dir`` holds a run with the same training settings (its config.json)."""
     try:
-        saved = read_run_config(output_dir)["config"]
+        saved = read_config_json(output_dir)["config"]
         return {name: saved.get(name) for name in expected.training} == expected.training
     except (ToyaccelError, KeyError, TypeError):
         return False

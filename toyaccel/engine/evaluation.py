@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from toyaccel.data import eval_shares, to_device
+from toyaccel.engine.batches import eval_shares, to_device
 
 EVAL_BATCH_SIZE = 4096  # a forward pass only: large batches amortise each layer's per-call cost
 

@@ -31,24 +31,46 @@ def _fault_here(point: str, global_step: int | None, process_index: int) -> bool
 
 
 def faults_armed() -> bool:
-    """Whether any fault is asked for: the training loop checks this once per epoch, not per step."""
+    """Whether any fault is asked for: looked up once a run, not per step."""
     return bool(os.environ.get("TOYACCEL_FAULT"))
 
 
-def maybe_inject_fault(point: str, global_step: int, process_index: int) -> None:
-    if _fault_here(point, global_step, process_index):
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_hooks(process_index: int, settle: Callable[[], None]) -> FaultHooks | None:
+    """The hooks the training loop calls at its named points, or None (the loop then calls nothing) when
+    no fault is asked for. ``settle`` waits for the checkpoint being published."""
+    return FaultHooks(process_index, settle) if faults_armed() else None
 
 
-def maybe_stall(global_step: int, process_index: int, signalled: Callable[[], int]) -> None:
-    if _fault_here("stall", global_step, process_index):
-        sys.stderr.write(f"stalled after step {global_step}\n")
-        sys.stderr.flush()
-        deadline = time.monotonic() + 60
-        while not signalled() and time.monotonic() < deadline:
-            time.sleep(0.02)
+class FaultHooks:
+    """Where a crash test reaches into a run: each named point fires the fault TOYACCEL_FAULT names, once."""
 
+    def __init__(self, process_index: int, settle: Callable[[], None]):
+        self.process_index, self.settle = process_index, settle
 
-def maybe_drift_rng(process_index: int) -> None:
-    if _fault_here("rng-drift", None, process_index):
-        torch.rand(1)
+    def before_epoch(self) -> None:
+        """Before an epoch's seed is drawn: rng-drift."""
+        if _fault_here("rng-drift", None, self.process_index):
+            torch.rand(1)
+
+    def after_step(self, global_step: int, signalled: Callable[[], int]) -> None:
+        """After an optimizer step, before the processes agree on stopping: stall:K."""
+        # The checkpoint being published lands before a fault fires: a crash test knows what is on disk.
+        self.settle()
+        if _fault_here("stall", global_step, self.process_index):
+            sys.stderr.write(f"stalled after step {global_step}\n")
+            sys.stderr.flush()
+            deadline = time.monotonic() + 60
+            while not signalled() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def after_log(self, global_step: int) -> None:
+        """After a step's log line, before any checkpoint of it: step:K."""
+        self.kill_at("step", global_step)
+
+    def in_checkpoint(self, global_step: int) -> None:
+        """With checkpoint K half written: checkpoint:K."""
+        self.kill_at("checkpoint", global_step)
+
+    def kill_at(self, point: str, global_step: int) -> None:
+        if _fault_here(point, global_step, self.process_index):
+            os.kill(os.getpid(), signal.SIGKILL)

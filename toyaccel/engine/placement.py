@@ -11,13 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-from toyaccel.data import dataset_device, dataset_tensors
 from toyaccel.errors import ToyaccelError
 
 # Data goes onto the GPU when all of it takes at most this share of the GPU's free memory: the rest
 # is left for the model, its gradients, optimizer state and activations. The toy and synthetic sets
 # and any CSV file a person would read by hand are far below it (1M rows x 32 features: 132 MB).
 DEVICE_DATA_FRACTION = 0.25
+
+
+def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
+    """A dataset's tensor attributes (features and labels; token ids and window starts): what moves
+    when the dataset is kept on a GPU."""
+    return {name: value for name, value in vars(dataset).items() if isinstance(value, torch.Tensor)}
+
+
+def dataset_device(dataset) -> torch.device:
+    return next((t.device for t in dataset_tensors(dataset).values()), torch.device("cpu"))
 
 
 @dataclass
@@ -67,15 +76,6 @@ def choose_placement(datasets: list, device: torch.device, num_workers: int, pol
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
     free, _total = torch.cuda.mem_get_info(device)
     return nbytes <= DEVICE_DATA_FRACTION * free
-
-
-def dataloader_configuration():
-    """Batches copied to the GPU with non_blocking=True: from pinned memory the copy overlaps the
-    previous step instead of making the CPU wait for it. On CPU, and for data already on the GPU,
-    there is no copy and this changes nothing."""
-    from accelerate.utils import DataLoaderConfiguration  # slow to import: only when building one
-
-    return DataLoaderConfiguration(non_blocking=True)
 
 
 def tf32_supported(device: torch.device) -> bool:

@@ -130,7 +130,7 @@ def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
     """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from toyaccel.data import _loader
+    from toyaccel.engine.batches import data_loader as _loader
 
     sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
     return _loader(windows, sampler, config)
@@ -192,7 +192,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
 
 def load_gpt_run(run_dir: str | Path):
     """The model, tokenizer and config.json of a saved ``--model gpt`` run."""
-    from toyaccel.engine.run_dir import load_model, read_run_config
+    from toyaccel.saved import load_model, read_run_config
     from toyaccel.text import load_tokenizer
     from toyaccel.workloads import workload_of_run
 
@@ -240,7 +240,7 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
     from toyaccel.config import build_config
-    from toyaccel.engine.trainer import on_accelerator
+    from toyaccel.engine.accelerator import on_accelerator
     from toyaccel.text import TextWindows, read_text, split_text
 
     model, tokenizer, saved = load_gpt_run(run_dir)

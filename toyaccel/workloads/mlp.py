@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig
-from toyaccel.data import DataBundle, ToyDataset, eval_batches, load_data, training_sample
+from toyaccel.data import DataBundle, ToyDataset, load_data, training_sample
+from toyaccel.engine.batches import eval_batches
 from toyaccel.engine.workload import Workload
 from toyaccel.model import NeuralNetwork
 
