@@ -76,7 +76,7 @@ def end_of_text_id(tokenizer) -> int | None:
 
 def train_blocks(files, settings: dict[str, Any]) -> Iterator[str]:
     """The lines of the training part, streamed (for a tokenizer trained here)."""
-    for text, _offset, _end in split_blocks(files, settings, "train"):
+    for text, _split, _end in split_blocks(files, settings, "train"):
         yield from text.splitlines(keepends=True)
 
 
@@ -85,15 +85,15 @@ def split_blocks(files, settings: dict[str, Any], only: str | None = None):
     validate, cut inside the block that straddles that point as the book cuts its text."""
     val_start = (1.0 - settings["val_fraction"]) * settings["source_bytes"] if settings["val_fraction"] else None
     for text, offset, doc_end in blocks(files, settings["text_field"]):
-        parts = [(text, "train")]
+        parts = [(text, "train", doc_end)]
         if val_start is not None and offset >= val_start:
-            parts = [(text, "val")]
-        elif val_start is not None and text and not doc_end and offset + len(text.encode()) > val_start:
+            parts = [(text, "val", doc_end)]
+        elif val_start is not None and offset + len(text.encode()) > val_start:
             cut = len(text.encode()[: int(val_start - offset)].decode("utf-8", errors="ignore"))
-            parts = [(text[:cut], "train"), (text[cut:], "val")]
-        for part, split in parts:
-            if only in (None, split):
-                yield part, split, doc_end
+            parts = [(text[:cut], "train", False), (text[cut:], "val", doc_end)]
+        for part in parts:
+            if only in (None, part[1]):
+                yield part
 
 
 def choose_tokenizer(files, settings: dict[str, Any], out: Path):
@@ -108,7 +108,7 @@ def choose_tokenizer(files, settings: dict[str, Any], out: Path):
     if saved.exists():
         return BPETokenizer.from_str(saved.read_text())
     if kind == "bpe":
-        specials = (END_OF_TEXT,) if settings["documents"] > 1 else ()
+        specials = (END_OF_TEXT,) if settings["documents"] else ()
         tokenizer = BPETokenizer.train_from_lines(train_blocks(files, settings), settings["vocab_size"], specials)
     else:
         tokenizer = hf_tokenizer(Path(kind))
@@ -152,7 +152,9 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bpe", vocab_size: int =
         raise ToyaccelError(f"--shard-tokens must be at least 1, got {shard_tokens}")
     settings = {
         "source": str(Path(source).resolve()), "source_bytes": sum(f.stat().st_size for f in files),
-        "documents": len(files), "tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction,
+        # Several documents (files, records) get an end-of-text token between them.
+        "documents": len(files) > 1 or any(f.suffix == ".jsonl" for f in files),
+        "tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction,
         "shard_tokens": shard_tokens, "text_field": text_field,
     }  # fmt: skip
     out = Path(out_dir)
@@ -162,7 +164,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bpe", vocab_size: int =
     writers = {split: ShardWriter(out, split, dtype, shard_tokens, list((earlier or {}).get(split, [])))
                for split in ("train", "val")}  # fmt: skip
     skip = (earlier or {}).get("blocks_done", 0)
-    eot = end_of_text_id(tok) if settings["documents"] > 1 else None
+    eot = end_of_text_id(tok) if settings["documents"] else None
     bar = progress(settings["source_bytes"], progress_bar)
     started, encoded, done = time.perf_counter(), 0, 0
     batch: list[tuple[str, str, bool]] = []

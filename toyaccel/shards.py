@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from toyaccel.errors import ToyaccelError
+from toyaccel.faults import maybe_inject_fault
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a prepare under way: the settings and the whole shards so far
@@ -64,20 +65,23 @@ def blocks(files: list[Path], text_field: str) -> Iterator[tuple[str, int, bool]
                             yield record_text(f, number, line, text_field), offset, True
                         offset += len(line)
                     continue
-                pending = b""
+                # One block held back, so that the file's last block is the one that ends the document.
+                held, pending = None, b""
                 while chunk := stream.read(BLOCK_BYTES):
                     chunk, pending = pending + chunk, b""
                     cut = chunk.rfind(b"\n") + 1
                     if 0 < cut < len(chunk):  # whole lines only: a character never spans two blocks
                         chunk, pending = chunk[:cut], chunk[cut:]
-                    yield decode(f, chunk), offset, False
-                    offset += len(chunk)
-                if pending:
-                    yield decode(f, pending), offset, False
-                    offset += len(pending)
+                    if held is not None:
+                        yield decode(f, held), offset, False
+                        offset += len(held)
+                    held = chunk
+                for last, block in ((False, held), (True, pending)) if pending else ((True, held),):
+                    if block is not None:
+                        yield decode(f, block), offset, last
+                        offset += len(block)
         except OSError as e:
             raise ToyaccelError(f"{f}: cannot read: {e.strerror or e}") from None
-        yield "", offset, True
 
 
 def decode(path: Path, chunk: bytes) -> str:
@@ -131,6 +135,7 @@ class ShardWriter:
             tokens.tofile(f)
             f.flush()
             os.fsync(f.fileno())
+        maybe_inject_fault("prepare", len(self.shards), 0)  # a kill with a shard half published
         os.replace(tmp, self.folder / name)
         digest = hashlib.sha256(tokens.tobytes()).hexdigest()
         self.shards.append({"file": name, "tokens": int(tokens.size), "max_id": int(tokens.max()), "sha256": digest})
