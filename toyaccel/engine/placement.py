@@ -17,6 +17,8 @@ from toyaccel.errors import ToyaccelError
 # is left for the model, its gradients, optimizer state and activations. The toy and synthetic sets
 # and any CSV file a person would read by hand are far below it (1M rows x 32 features: 132 MB).
 DEVICE_DATA_FRACTION = 0.25
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs MFU is reported against; others get none.
+DENSE_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
 def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
@@ -103,3 +105,11 @@ def gpu_description(device: torch.device, tf32: bool, placement: DataPlacement, 
         return ""
     tf32_state = "on" if tf32 else "off" if tf32_supported(device) else "n/a (GPU older than Ampere)"
     return f", tf32 {tf32_state}, {placement.description}" + (f", backend {backend}" if backend else "")
+
+
+def dense_bf16_peak(device: torch.device) -> float | None:
+    """FLOP/s of ``device``'s dense bf16 peak where it is a GPU of DENSE_BF16_TFLOPS, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for gpu, tflops in DENSE_BF16_TFLOPS.items() if gpu in name), None)
