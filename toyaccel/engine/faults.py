@@ -72,5 +72,10 @@ class FaultHooks:
         self.kill_at("checkpoint", global_step)
 
     def kill_at(self, point: str, global_step: int) -> None:
-        if _fault_here(point, global_step, self.process_index):
-            os.kill(os.getpid(), signal.SIGKILL)
+        maybe_inject_fault(point, global_step, self.process_index)
+
+
+def maybe_inject_fault(point: str, global_step: int, process_index: int) -> None:
+    """Kill this process where TOYACCEL_FAULT names ``point:global_step`` (also outside training: prepare)."""
+    if _fault_here(point, global_step, process_index):
+        os.kill(os.getpid(), signal.SIGKILL)
