@@ -29,12 +29,13 @@ from toyaccel.data import (
     saved_classes,
 )
 from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
 from toyaccel.model import NeuralNetwork
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.workloads import workload_of_run
-from toyaccel.workloads.mlp import EVAL_BATCH_SIZE
+from toyaccel.workloads.mlp import EVAL_BATCH_SIZE, evaluate
 
 
 @dataclass
@@ -191,9 +192,6 @@ def evaluate_run(
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     """The training loop's evaluation of the prepared model, the rows kept where training keeps them."""
-    from toyaccel.engine.placement import choose_placement
-    from toyaccel.workloads.mlp import evaluate
-
     num_classes = model.layers[-1].out_features
     dataset = choose_placement([dataset], accelerator.device, 0).place(dataset)
     return evaluate(accelerator, accelerator.prepare(model), dataset, num_classes, config.batch_size)

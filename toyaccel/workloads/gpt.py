@@ -7,13 +7,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, SequentialSampler
 
-from toyaccel.config import TrainConfig
+from toyaccel.config import TrainConfig, build_config
+from toyaccel.engine.batches import data_loader as _loader
+from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.reporting import say
+from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
-from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, source_text
+from toyaccel.saved import load_model, read_run_config
+from toyaccel.text import (
+    TextBundle,
+    TextWindows,
+    best_possible_loss,
+    load_text_data,
+    load_tokenizer,
+    perplexity,
+    read_text,
+    source_text,
+    split_text,
+)
+from toyaccel.workloads import workload_of_run
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
@@ -96,8 +113,6 @@ class GPTWorkload(Workload):
 
     def save_extras(self, output_dir: str, data: TextBundle) -> None:
         """tokenizer.json: with config.json, all toyaccel-generate needs (a gpt2 run names tiktoken's)."""
-        from toyaccel.engine.run_dir import write_atomic
-
         write_atomic(Path(output_dir) / "tokenizer.json", lambda p: Path(p).write_text(data.tokenizer.to_json()))
 
     def after_epoch(self, accelerator, model, config: TrainConfig, data: TextBundle) -> dict[str, Any]:
@@ -128,10 +143,6 @@ def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
 
 def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
     """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
-    from torch.utils.data import BatchSampler, SequentialSampler
-
-    from toyaccel.engine.batches import data_loader as _loader
-
     sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
     return _loader(windows, sampler, config)
 
@@ -192,10 +203,6 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
 
 def load_gpt_run(run_dir: str | Path):
     """The model, tokenizer and config.json of a saved ``--model gpt`` run."""
-    from toyaccel.saved import load_model, read_run_config
-    from toyaccel.text import load_tokenizer
-    from toyaccel.workloads import workload_of_run
-
     saved = read_run_config(run_dir)
     if workload_of_run(saved) != "gpt":
         raise ToyaccelError(
@@ -209,8 +216,6 @@ def generate_from_run(
     top_k: int | None = None, seed: int = 123, context_length: int | None = None,
 ) -> str:  # fmt: skip
     """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
-    from toyaccel.engine.launch import launched_world_size
-
     if launched_world_size() > 1:
         raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
     if max_new_tokens < 0:
@@ -239,9 +244,7 @@ def generate_from_run(
 def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | None) -> dict[str, Any]:
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
-    from toyaccel.config import build_config
     from toyaccel.engine.accelerator import on_accelerator
-    from toyaccel.text import TextWindows, read_text, split_text
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
@@ -268,8 +271,6 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
 
 def evaluate_prepared(accelerator, model, windows, config: TrainConfig) -> dict[str, Any]:
     """The training's evaluation of the prepared model over ``windows``, kept where training keeps them."""
-    from toyaccel.engine.placement import choose_placement
-
     loader = prepared_eval_loader(accelerator, windows, config, choose_placement([windows], accelerator.device, 0))
     return evaluate(accelerator, accelerator.prepare(model), loader)
 
