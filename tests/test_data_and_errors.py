@@ -66,6 +66,11 @@ BAD_CSVS = {
         "row 2, column 'label': a label must be a class number 0, 1, 2, ..., got 0.5",
     ),
     "missing label": ("x1,x2,label\n1,2,0\n1,2, \n", [], "row 3, column 'label': missing label"),
+    # NaN as pandas and numpy write a missing value: not a class named 'nan'.
+    "nan label": ("x1,x2,label\n1,2,cat\n1,2,dog\n1,3,nan\n", [], "row 4, column 'label': missing label ('nan')"),
+    "NaN label": (
+        "x1,x2,label\n1,2,0\n1,2,NaN\n", ["--num-classes", "2"], "row 3, column 'label': missing label ('NaN')"
+    ),
     "one class only": (
         "x1,x2,label\n1,2,cat\n3,4,cat\n", [], "column 'label': only one class ('cat'); a classifier needs at least two"
     ),
