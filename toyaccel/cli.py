@@ -87,13 +87,14 @@ def run_cli(main: Callable[[], Any]) -> int:
     try:
         main()
     except ToyaccelError as e:
-        tell_the_launcher(f"error: {e}")
         if launched_rank() != 0:
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
+            # Nor is it told to the launcher before then: torchrun's report would show it once per process.
             time.sleep(10)
             if e.every_process:  # rank 0 has it for sure: a busy machine may just have been slow to print it
                 return e.exit_code
+        tell_the_launcher(f"error: {e}")
         # One write: print() writes the newline separately, and other processes share this stderr.
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()

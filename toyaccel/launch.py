@@ -89,17 +89,20 @@ def check_world(accelerator: Accelerator) -> None:
         raise ToyaccelError(
             f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
             f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
+            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs",
+            every_process=True,
         )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         raise ToyaccelError(
             f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
+            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU",
+            every_process=True,
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
+            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no",
+            every_process=True,
         )
 
 
@@ -129,7 +132,8 @@ def refuse_mpi_without_port() -> None:
     if mpi_world and os.environ.get("MASTER_PORT") == "0":
         raise ToyaccelError(
             "an MPI launch with main_process_port 0 cannot form a world (each process would wait on a port "
-            "only the first one knows); pass --main_process_port with a free port, e.g. 29500"
+            "only the first one knows); pass --main_process_port with a free port, e.g. 29500",
+            every_process=True,
         )
 
 
