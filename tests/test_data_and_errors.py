@@ -165,7 +165,9 @@ def test_run_settings_that_cannot_work_leave_the_previous_run_alone(tmp_path, pr
             "checkpoints); pass --overwrite to replace it, --resume latest to continue it, or choose another "
             "--output-dir",
         ),
-        (["--epochz", "3"], "unrecognized arguments: --epochz 3 (see toyaccel-train --help)"),
+        (["--epochz", "3"], "unrecognized arguments: --epochz 3; did you mean --epochs? (see toyaccel-train --help)"),
+        (["--epcohs", "3"], "unrecognized arguments: --epcohs 3; did you mean --epochs? (see toyaccel-train --help)"),
+        (["--zzz"], "unrecognized arguments: --zzz (see toyaccel-train --help)"),  # nothing close: no guess
         (["--epochs", "three"], "argument --epochs: invalid int value: 'three' (see toyaccel-train --help)"),
         (["--lr", "fast"], "argument --lr: invalid float value: 'fast' (see toyaccel-train --help)"),
         (["--epochs", "0"], "epochs must be at least 1, got 0"),

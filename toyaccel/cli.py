@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -26,7 +27,16 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ToyaccelError(f"{message} (see {self.prog} --help)")
+        raise ToyaccelError(f"{message}{self.suggestion(message)} (see {self.prog} --help)")
+
+    def suggestion(self, message: str) -> str:
+        """'; did you mean --epochs?' for a mistyped flag such as --epcohs (or --epochs=3 typed --epoch=3)."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+        typed = [word.split("=")[0] for word in message.split()[2:] if word.startswith("--")]
+        close = [match for word in typed for match in difflib.get_close_matches(word, flags, n=1)]
+        return f"; did you mean {' '.join(close)}?" if close else ""
 
 
 def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
