@@ -63,7 +63,7 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     root = tmp_path_factory.mktemp("refused")
     config = root / "default_config.yaml"
     config.write_text(ACCELERATE_CONFIG_MULTI_CPU)
-    outs = {name: root / f"run{i}" for i, name in enumerate([*ONE_FOR_MANY_LAUNCHES, "port 0"])}
+    outs = {name: root / f"run{i}" for i, name in enumerate([*ONE_FOR_MANY_LAUNCHES, "port 0", "0 processes"])}
     # No config file, and no default_config.yaml saved on this machine either.
     no_config = {"HF_HOME": str(root / "hf_home")}
     commands = {
@@ -77,6 +77,10 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     port_0 = ("--main_process_port", "0")
     commands["port 0"] = (
         accelerate_launch_cmd("multi_cpu.yaml", "--output-dir", str(outs["port 0"]), launch_args=port_0),
+        {},
+    )
+    commands["0 processes"] = (
+        accelerate_launch_cmd("multi_cpu.yaml", "--output-dir", str(outs["0 processes"]), num_processes=0),
         {},
     )
     results = run_concurrently(commands, root)
@@ -102,6 +106,19 @@ def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     proc, out = refused["port 0"]
     assert proc.returncode != 0
     assert "error: an MPI launch with main_process_port 0 cannot form a world" in proc.stderr
+    assert not out.exists()
+
+
+def test_a_launch_asked_for_no_processes_is_refused(refused):
+    """multi_cpu.yaml with --num_processes 0: accelerate 1.15 leaves -n out of mpirun's command, which then
+    starts one process; that trained alone and exited 0."""
+    proc, out = refused["0 processes"]
+    assert proc.returncode != 0
+    message = (
+        "error: accelerate launch was asked for --num_processes 0; a run needs at least one process: "
+        "pass --num_processes 1 or more\n"
+    )
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
     assert not out.exists()
 
 
