@@ -16,7 +16,7 @@ from typing import Any
 
 from toyaccel.config import SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file, section_of
 from toyaccel.errors import Interrupted, ToyaccelError
-from toyaccel.launch import launched_rank
+from toyaccel.launch import launched_rank, launched_world_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +118,29 @@ def run_cli(main: Callable[[], Any]) -> int:
         if launched_rank() == 0:
             print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not lost_a_peer(e):
+            raise
+        # The launcher reports the process that died (and torchrun restarts them all under elastic_cpu.yaml):
+        # this one's ~45-line traceback through the collective would bury that report.
+        sys.stderr.write(f"error: another process of the run stopped ({str(e).strip().splitlines()[0]})\n")
+        sys.stderr.flush()
+        return 1
     return 0
+
+
+# How gloo and the TCP store word a peer that went away in the middle of a collective.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport")
+
+
+def lost_a_peer(error: Exception) -> bool:
+    """Whether ``error`` is a collective failing because another process of the run stopped."""
+    if launched_world_size() <= 1 or not isinstance(error, RuntimeError):
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(error, getattr(dist, "DistNetworkError", ())):
+        return True
+    return any(words in str(error) for words in PEER_LOST)
 
 
 def tell_the_launcher(line: str) -> None:

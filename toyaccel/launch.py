@@ -78,7 +78,14 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
         )
     except (ValueError, ImportError, RuntimeError) as e:
-        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
+        reason = str(e).strip().splitlines()[0]
+        if "EADDRINUSE" in reason or "address already in use" in reason.lower():
+            port = os.environ.get("MASTER_PORT", "")
+            raise ToyaccelError(
+                f"cannot set up Accelerate: port {port} is already in use (another run on this machine?); "
+                "pass --main_process_port with a free port to accelerate launch"
+            ) from None
+        raise ToyaccelError(f"cannot set up Accelerate: {reason}") from None
     return accelerator
 
 
