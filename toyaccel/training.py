@@ -118,7 +118,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     gpu = gpu_description(accelerator.device, tf32, placement, backend)
     say(accelerator, describe(config, accelerator, data, gpu))
     run = set_up_training(accelerator, config, data, placement)
-    plan = on_main_process(accelerator, decide_resume, config, run.state, functools.partial(say, accelerator))
+    plan = on_main_process(
+        accelerator, decide_resume, config, run.state, run.sampler.steps_per_epoch, functools.partial(say, accelerator)
+    )
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
@@ -439,10 +441,10 @@ def fresh_state(accelerator, config: TrainConfig, data, global_batch: int) -> Tr
     )
 
 
-def decide_resume(config: TrainConfig, fresh: TrainerState, say) -> ResumePlan:
+def decide_resume(config: TrainConfig, fresh: TrainerState, steps_per_epoch: int, say) -> ResumePlan:
     """On the main process only (see on_main_process): every process then follows the same plan."""
     restarted = config.resume is None and restart_of_owning_launch(config.output_dir)
-    return plan_resume(config.output_dir, config.resume, fresh, restarted, say)
+    return plan_resume(config.output_dir, config.resume, fresh, restarted, say, steps_per_epoch)
 
 
 def start_or_resume(accelerator, config: TrainConfig, plan: ResumePlan, fresh: TrainerState) -> TrainerState:
