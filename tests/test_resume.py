@@ -523,6 +523,21 @@ def test_a_checkpoint_of_the_previous_format_still_resumes(reference, tmp_path, 
     assert_weights_equal(weights(run), weights(reference))
 
 
+def test_overwrite_never_follows_a_linked_checkpoints_folder(reference, tmp_path, capsys):
+    """A `checkpoints` link (to a bigger disk, say) is refused in one line; what it points to stays."""
+    run = run_with_checkpoints(reference, tmp_path / "run", ())
+    (run / "checkpoints").rmdir()
+    target = copy_run(reference / "checkpoints", tmp_path / "elsewhere")
+    before = snapshot(target)
+    (run / "checkpoints").symlink_to(target, target_is_directory=True)
+    error = assert_refused(run, capsys, "--overwrite")
+    assert error == (
+        f"error: {run / 'checkpoints'} is a symbolic link, which --overwrite neither follows nor removes: "
+        "remove it yourself, or choose another --output-dir"
+    )
+    assert (run / "checkpoints").is_symlink() and snapshot(target) == before
+
+
 def test_resume_may_split_the_global_batch_differently(tmp_path):
     """2 micro-steps of 4 continued as 4 micro-steps of 2: the same optimizer steps as before."""
     args = ("--data", "synthetic", "--num-samples", "32", "--epochs", "1", "--no-plot", "--no-progress")
