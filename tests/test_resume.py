@@ -538,6 +538,35 @@ def test_overwrite_never_follows_a_linked_checkpoints_folder(reference, tmp_path
     assert (run / "checkpoints").is_symlink() and snapshot(target) == before
 
 
+def test_a_diverging_loss_stops_the_run_at_the_log_line_that_shows_it(tmp_path, capsys):
+    """The loss is read only at log lines (no wait on the device per step): the run stops at the first
+    one whose window mean is not finite, before logging or checkpointing it; the checkpoints before it stay."""
+    out = tmp_path / "run"
+    args = ("--data", "synthetic", "--num-samples", "64", "--epochs", "2", "--batch-size", "2", "--lr", "1e5")
+    args += ("--checkpoint-every", "2", "--log-every", "4", "--no-plot", "--no-progress", "--output-dir", str(out))
+    capsys.readouterr()
+    assert train_main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: the training loss became nan in steps 3-4: training diverged; lower --lr (now 100000) "
+        f"(the newest checkpoint is {out / 'checkpoints' / 'step_2'})\n"
+    )
+    assert step_names(out) == ["step_2"] and verify_checkpoint(out / "checkpoints" / "step_2").global_step == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2]
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_weights_made_non_finite_by_an_epochs_last_steps_stop_at_its_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train_main(["--lr", "1e6", "--no-plot", "--no-progress", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "error: the training loss became inf on the train data after epoch 1 (step 2): training diverged; "
+        "lower --lr (now 1e+06) (no checkpoint was written)\n"
+    )
+    assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
 def test_resume_may_split_the_global_batch_differently(tmp_path):
     """2 micro-steps of 4 continued as 4 micro-steps of 2: the same optimizer steps as before."""
     args = ("--data", "synthetic", "--num-samples", "32", "--epochs", "1", "--no-plot", "--no-progress")
