@@ -567,6 +567,42 @@ def test_weights_made_non_finite_by_an_epochs_last_steps_stop_at_its_evaluation(
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB file system of its own (tmpfs): room for a few of the RUN's checkpoints, not all.
+    Needs mount privileges (root, as in CI and most containers); skipped where there are none."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(small_disk, capsys):
+    """The real error (SafetensorError or torch.save's "unexpected pos", from ENOSPC): one line saying
+    the disk is full and which checkpoint could not be written, exit 2; the earlier ones verify."""
+    out = small_disk / "run"
+    capsys.readouterr()
+    code = train_main([*RUN, *ONE_PROCESS, "--output-dir", str(out), "--keep-last", "0", "--checkpoint-every", "1",
+                       "--log-every", "100"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    kept = step_names(out)
+    assert kept and [int(name[5:]) for name in kept] == list(range(len(kept), 0, -1))
+    failed = out / "checkpoints" / f"step_{len(kept) + 1}"
+    assert err.startswith(f"error: the disk is full: cannot write checkpoint {failed} (") and err.count("\n") == 1
+    advice = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
+    assert err.endswith(f"; {advice}\n")
+    for path in checkpoint_dirs(out):
+        verify_checkpoint(path)
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # its space is freed
+
+
 def test_resume_may_split_the_global_batch_differently(tmp_path):
     """2 micro-steps of 4 continued as 4 micro-steps of 2: the same optimizer steps as before."""
     args = ("--data", "synthetic", "--num-samples", "32", "--epochs", "1", "--no-plot", "--no-progress")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from toyaccel.errors import ToyaccelError
@@ -142,27 +145,83 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last
     a ``.tmp-`` one that resume never reads, so a crash meanwhile resumes from the checkpoint before.
     ``wait_for_checkpoint`` waits for it; the next checkpoint, the end of training, an interrupt and the
     interpreter's exit do.
+
+    A checkpoint that cannot be written (a full disk) stops every process with one line (ToyaccelError):
+    training on without checkpoints would risk hours for a disk that will not empty itself.
     """
     global _publishing
-    wait_for_checkpoint()
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{state.global_step}"
     tmp = root / f".tmp-step_{state.global_step}"
-    if accelerator.is_main_process:
+    problem = _unwritable(wait_for_checkpoint)
+    if accelerator.is_main_process and problem is None:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
-        tmp.mkdir(parents=True)
+        problem = _unwritable(lambda: tmp.mkdir(parents=True), final)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if problem is None:
+        problem = _unwritable(lambda: accelerator.save_state(str(tmp)), final)
     maybe_inject_fault("checkpoint", state.global_step, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and problem is None:
         # Every process holds the same global RNG state (same seed, same draws), so one copy serves
         # any number of processes on resume, including a different number.
-        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
+        problem = _unwritable(lambda: save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE)), final)
+    # Also the barrier before publishing: every process has written its part by now.
+    _raise_if_any(accelerator, problem, tmp)
+    if accelerator.is_main_process:
         # The state as of this step: training goes on changing ``state`` while the thread runs.
         _publishing = _publisher.submit(_publish, tmp, final, dataclasses.replace(state), output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def finish_checkpoint(accelerator) -> None:
+    """wait_for_checkpoint on every process: where publishing failed, every process stops with its line."""
+    _raise_if_any(accelerator, _unwritable(wait_for_checkpoint))
+
+
+def _raise_if_any(accelerator, problem: str | None, tmp: Path | None = None) -> None:
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        if accelerator.is_main_process and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took is what the user is short of
+        raise ToyaccelError(problems[0], every_process=True)
+
+
+# Errors that say a file could not be written (torch.save's says only "unexpected pos": the free
+# space left tells it apart).
+NO_SPACE = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def _unwritable(write, final: Path | None = None) -> str | None:
+    """Run ``write``; if the disk refused it, return the one line that says so (None: it worked)."""
+    try:
+        write()
+        return None
+    except ToyaccelError as e:  # publishing the previous checkpoint failed: its line is ready
+        return str(e)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        free = _free_bytes(final.parent if final is not None else Path("."))
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = full or any(text in reason for text in NO_SPACE) or (free is not None and free < 1 << 20)
+        if not (full or isinstance(e, OSError)):
+            raise
+        what = "the disk is full: " if full else ""
+        room = f", {free >> 10} KiB free there" if free is not None else ""
+        return (
+            f"{what}cannot write checkpoint {final} ({_short(reason, 120)}{room}); the checkpoints before it "
+            "are whole: make room, then run the same command with --resume latest"
+        )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for candidate in (folder, *folder.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bfree * st.f_frsize if os.geteuid() == 0 else st.f_bavail * st.f_frsize
+    return None
 
 
 def wait_for_checkpoint() -> None:
@@ -174,8 +233,10 @@ def wait_for_checkpoint() -> None:
 
 
 def _publish(tmp: Path, final: Path, state: TrainerState, output_dir: str, keep_last: int) -> None:
-    write_manifest(tmp, state)
-    _move_into_place(tmp, final)
+    problem = _unwritable(lambda: (write_manifest(tmp, state), _move_into_place(tmp, final)), final)
+    if problem:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ToyaccelError(problem)
     if keep_last:
         # The newest of this timeline: a resumed run has set aside any later ones (set_aside_abandoned).
         for old in checkpoint_dirs(output_dir)[keep_last:]:

@@ -29,6 +29,7 @@ from toyaccel.checkpoint import (
     ResumePlan,
     TrainerState,
     checkpoint_dirs,
+    finish_checkpoint,
     load_checkpoint,
     plan_resume,
     save_checkpoint,
@@ -154,7 +155,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         sample = workload.after_epoch(accelerator, model, config, data)
         logger.log({**epoch_record(state, metrics or {}, workload), **sample})
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
-    wait_for_checkpoint()
+    finish_checkpoint(accelerator)
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
         metrics = score(model)
@@ -311,7 +312,7 @@ def train_one_epoch(
             path = save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
             window_start = time.perf_counter()
         if stop_signal:
-            wait_for_checkpoint()
+            finish_checkpoint(accelerator)
             raise interrupted(accelerator, stop_signal, path, state, config.epochs)
     logger.end_epoch()
     return last_loss
