@@ -28,6 +28,8 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from toyaccel.checkpoint import (
     ResumePlan,
     TrainerState,
+    checkpoint_dirs,
+    finish_checkpoint,
     load_checkpoint,
     plan_resume,
     save_checkpoint,
@@ -118,7 +120,9 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     gpu = gpu_description(accelerator.device, tf32, placement, backend)
     say(accelerator, describe(config, accelerator, data, gpu))
     run = set_up_training(accelerator, config, data, placement)
-    plan = on_main_process(accelerator, decide_resume, config, run.state, functools.partial(say, accelerator))
+    plan = on_main_process(
+        accelerator, decide_resume, config, run.state, run.sampler.steps_per_epoch, functools.partial(say, accelerator)
+    )
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
@@ -147,10 +151,11 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         state.finish_epoch()
         due = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
         metrics = score(model) if due else None
+        check_finite_losses(config, metrics, state)
         sample = workload.after_epoch(accelerator, model, config, data)
         logger.log({**epoch_record(state, metrics or {}, workload), **sample})
         save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
-    wait_for_checkpoint()
+    finish_checkpoint(accelerator)
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
         metrics = score(model)
@@ -290,6 +295,9 @@ def train_one_epoch(
         if window_ends or checkpoint_due or stop_signal:
             # The mean over processes and over the steps since the last log line.
             last_loss = accelerator.reduce(torch.stack(window_losses).sum(), "mean").item() / window_micro_steps
+            if not math.isfinite(last_loss):  # read here, where it costs no extra wait on the device
+                first = state.global_step - window_micro_steps // accelerator.gradient_accumulation_steps + 1
+                raise diverged(config, last_loss, f"in steps {first}-{state.global_step}")
             seconds = time.perf_counter() - window_start
             samples_per_s = window_micro_steps * config.batch_size * accelerator.num_processes / seconds
             logger.log({
@@ -304,12 +312,35 @@ def train_one_epoch(
             path = save_checkpoint(accelerator, config.output_dir, state, config.keep_last)
             window_start = time.perf_counter()
         if stop_signal:
-            wait_for_checkpoint()
+            finish_checkpoint(accelerator)
             raise interrupted(accelerator, stop_signal, path, state, config.epochs)
     logger.end_epoch()
     return last_loss
 
 
+
+
+def diverged(config: TrainConfig, loss: float, where: str) -> ToyaccelError:
+    """The one line of a run whose loss stopped being a number: raised before the step is logged or
+    checkpointed, so the checkpoints on disk all hold finite weights."""
+    remedy = f"lower --lr (now {config.lr:g})"
+    if config.model == "gpt":
+        remedy += " or clip gradients with --max-grad-norm (e.g. 1.0)" if not config.max_grad_norm else (
+            f" or --max-grad-norm (now {config.max_grad_norm:g})")  # fmt: skip
+    wait_for_checkpoint()
+    kept = checkpoint_dirs(config.output_dir)
+    saved = f"the newest checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+    return ToyaccelError(
+        f"the training loss became {loss} {where}: training diverged; {remedy} ({saved})", every_process=True
+    )
+
+
+def check_finite_losses(config: TrainConfig, metrics: dict[str, dict[str, Any]] | None, state: TrainerState) -> None:
+    """Weights that an epoch's last steps made non-finite show in its evaluation, before its checkpoint."""
+    for split, figures in (metrics or {}).items():
+        loss = figures.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise diverged(config, loss, f"on the {split} data after epoch {state.epoch} (step {state.global_step})")
 
 
 def epoch_record(state: TrainerState, metrics: dict[str, dict[str, Any]], workload) -> dict[str, Any]:
@@ -439,10 +470,10 @@ def fresh_state(accelerator, config: TrainConfig, data, global_batch: int) -> Tr
     )
 
 
-def decide_resume(config: TrainConfig, fresh: TrainerState, say) -> ResumePlan:
+def decide_resume(config: TrainConfig, fresh: TrainerState, steps_per_epoch: int, say) -> ResumePlan:
     """On the main process only (see on_main_process): every process then follows the same plan."""
     restarted = config.resume is None and restart_of_owning_launch(config.output_dir)
-    return plan_resume(config.output_dir, config.resume, fresh, restarted, say)
+    return plan_resume(config.output_dir, config.resume, fresh, restarted, say, steps_per_epoch)
 
 
 def start_or_resume(accelerator, config: TrainConfig, plan: ResumePlan, fresh: TrainerState) -> TrainerState:
