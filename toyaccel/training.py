@@ -43,6 +43,7 @@ from toyaccel.folder_lock import FolderHold
 from toyaccel.interrupts import StopRequests
 from toyaccel.launch import build_accelerator, check_world
 from toyaccel.metrics import MetricsLogger, say
+from toyaccel.orphans import stop_when_launcher_ends
 from toyaccel.outputs import (
     claim_for_this_launch,
     default_output_dir,
@@ -99,7 +100,7 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     accelerator = build_accelerator(config)
     # From here on a stop signal is only noted, until the process is ready to exit: the training
     # loop turns it into a checkpoint, and a second one cannot cut that (or the teardown) short.
-    with StopRequests() as stops, FolderHold(config.output_dir) as hold:
+    with StopRequests() as stops, stop_when_launcher_ends(), FolderHold(config.output_dir) as hold:
         try:
             return train(accelerator, config, data, stops, hold)
         finally:
@@ -310,7 +311,11 @@ def train_one_epoch(
             window_start = time.perf_counter()
         if stop_signal:
             wait_for_checkpoint()
-            raise interrupted(accelerator, stop_signal, path, state, config.epochs)
+            stopped = interrupted(accelerator, stop_signal, path, state, config.epochs)
+            # No process exits before the checkpoint is published and said: mpirun kills the others
+            # ~0.25 s after the first one exits.
+            accelerator.wait_for_everyone()
+            raise stopped
     logger.end_epoch()
     return last_loss
 
