@@ -7,6 +7,7 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
+from toyaccel.orphans import die_with_parent
 
 # The book's Appendix A data (listing A.9.2).
 TOY_X_TRAIN = [[-1.2, 3.1], [-0.9, 2.9], [-0.5, 2.6], [2.3, -1.1], [2.7, -1.5]]
@@ -706,6 +708,7 @@ def _loader(dataset: ToyDataset, batch_sampler, config: TrainConfig, pin_memory:
         num_workers=config.num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if config.num_workers else None,
     )
 
 

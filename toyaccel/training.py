@@ -41,9 +41,11 @@ from toyaccel.data import EpochBatchSampler, build_train_loader, draw_epoch_seed
 from toyaccel.device import DataPlacement, apply_tf32, choose_placement, gpu_description
 from toyaccel.errors import Interrupted, ToyaccelError
 from toyaccel.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_stall
+from toyaccel.folder_lock import FolderHold
 from toyaccel.interrupts import StopRequests
 from toyaccel.launch import build_accelerator, check_world
 from toyaccel.metrics import MetricsLogger, say
+from toyaccel.orphans import stop_when_launcher_ends
 from toyaccel.outputs import (
     claim_for_this_launch,
     default_output_dir,
@@ -100,9 +102,9 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     accelerator = build_accelerator(config)
     # From here on a stop signal is only noted, until the process is ready to exit: the training
     # loop turns it into a checkpoint, and a second one cannot cut that (or the teardown) short.
-    with StopRequests() as stops:
+    with StopRequests() as stops, stop_when_launcher_ends(), FolderHold(config.output_dir) as hold:
         try:
-            return train(accelerator, config, data, stops)
+            return train(accelerator, config, data, stops, hold)
         finally:
             # A failed run still publishes the checkpoint it started before anything reads the folder again;
             # the error that stopped it is the one to report.
@@ -111,7 +113,7 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
             release(accelerator)
 
 
-def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopRequests) -> RunResult:
+def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopRequests, hold: FolderHold) -> RunResult:
     workload = get_workload(config.model)
     check_world(accelerator)
     tf32 = apply_tf32(config.tf32, accelerator.device)
@@ -120,6 +122,10 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
     gpu = gpu_description(accelerator.device, tf32, placement, backend)
     say(accelerator, describe(config, accelerator, data, gpu))
     run = set_up_training(accelerator, config, data, placement)
+    # Before anything in the folder is read or changed: a second run, resume or --overwrite into a
+    # folder that a live run holds stops here.
+    on_main_process(accelerator, hold.claim)
+    hold.join()
     plan = on_main_process(
         accelerator, decide_resume, config, run.state, run.sampler.steps_per_epoch, functools.partial(say, accelerator)
     )
@@ -313,7 +319,11 @@ def train_one_epoch(
             window_start = time.perf_counter()
         if stop_signal:
             finish_checkpoint(accelerator)
-            raise interrupted(accelerator, stop_signal, path, state, config.epochs)
+            stopped = interrupted(accelerator, stop_signal, path, state, config.epochs)
+            # No process exits before the checkpoint is published and said: mpirun kills the others
+            # ~0.25 s after the first one exits.
+            accelerator.wait_for_everyone()
+            raise stopped
     logger.end_epoch()
     return last_loss
 
