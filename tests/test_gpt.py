@@ -34,8 +34,9 @@ from safetensors.torch import load_file
 
 from toyaccel import fit, load_model
 from toyaccel.cli import evaluate_main, generate_main, train_main
-from toyaccel.engine.checkpoint import checkpoint_dirs, verify_checkpoint
+from toyaccel.engine.checkpoint import checkpoint_dirs
 from toyaccel.engine.optim import own_random_stream
+from toyaccel.engine.resume import verify_checkpoint
 from toyaccel.gpt_model import GPTModel
 from toyaccel.inference import evaluate_run
 from toyaccel.text import synthetic_entropy, synthetic_text

@@ -260,7 +260,7 @@ def read_fast(path: str, header_row: int, columns: Columns) -> Table | None:
 
     def label_code(cell: str) -> int:
         cell = cell.strip()
-        if not cell:
+        if is_missing_label(cell):
             raise ValueError("missing label")
         return codes.setdefault(cell, len(codes))
 
@@ -313,6 +313,12 @@ def keep_columns(values: np.ndarray, at: list[int], rows_per_chunk: int = 4096) 
     return result.copy() if kept * 2 < width else result
 
 
+def is_missing_label(cell: str) -> bool:
+    """An empty cell, or NaN as pandas and numpy write a missing value ('nan', 'NaN', '-nan'): a class
+    named 'nan' is never what the file meant."""
+    return not cell or cell.lstrip("+-").lower() == "nan"
+
+
 def skip_cell(cell: str) -> float:
     return 0.0
 
@@ -327,8 +333,9 @@ def read_slow(path: str, columns: Columns, suggest_ignore: bool = False) -> Tabl
         at, values = columns.label_at, []
         for row_no, row in rows:
             cell = row[at].strip()
-            if not cell:
-                raise ToyaccelError(f"{path}: row {row_no}, column '{columns.label_column}': missing label")
+            if is_missing_label(cell):
+                shown = f" ({cell!r})" if cell else ""
+                raise ToyaccelError(f"{path}: row {row_no}, column '{columns.label_column}': missing label{shown}")
             values.append(codes.setdefault(cell, len(codes)))
         label_codes = torch.tensor(values, dtype=torch.int64)
     kept = {name: [row[header.index(name)] for _, row in rows] for name in columns.keep}

@@ -7,6 +7,7 @@ from typing import Any
 from toyaccel.config import TrainConfig, applicable_options
 from toyaccel.engine.run import RunResult, train
 from toyaccel.engine.run_dir import default_output_dir
+from toyaccel.engine.trainer import Advice
 from toyaccel.workloads import get_workload
 
 # Options the start-up line's data description already says.
@@ -21,4 +22,6 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     if config.output_dir is None:
         # Chosen before the process group forms: no process creates it before every process has chosen.
         config = config.replace(output_dir=default_output_dir(config.data, resuming=config.resume is not None))
-    return train(config, get_workload(config.model), applicable_options(config), DESCRIBED_OPTIONS)
+    # A diverging GPT may want its gradients clipped; the book's MLP never clips.
+    advice = Advice(said=DESCRIBED_OPTIONS, clipping=config.model == "gpt")
+    return train(config, get_workload(config.model), applicable_options(config), advice)

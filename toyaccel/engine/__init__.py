@@ -16,8 +16,9 @@ PUBLIC = {
     "toyaccel.engine.batches": ("EpochBatchSampler", "TensorBatches", "draw_epoch_seed", "eval_batches"),
     "toyaccel.engine.optim": ("DirectStepper", "build_optimizer", "learning_rate", "own_random_stream"),
     "toyaccel.engine.checkpoint": (
-        "Checkpointer", "TrainerState", "checkpoint_dirs", "verify_checkpoint", "wait_for_checkpoint",
+        "Checkpointer", "TrainerState", "checkpoint_dirs", "wait_for_checkpoint",
     ),
+    "toyaccel.engine.resume": ("plan_resume", "verify_checkpoint"),
     "toyaccel.engine.reporting": ("MetricsLogger", "say"),
     "toyaccel.engine.trainer": ("Trainer", "TrainingJob"),
     "toyaccel.engine.run": ("RunResult", "train"),

@@ -34,7 +34,14 @@ def build_accelerator(config) -> accelerate.Accelerator:
             project_config=project,
         )
     except (ValueError, ImportError, RuntimeError) as e:
-        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
+        reason = str(e).strip().splitlines()[0]
+        if "EADDRINUSE" in reason or "address already in use" in reason.lower():
+            port = os.environ.get("MASTER_PORT", "")
+            raise ToyaccelError(
+                f"cannot set up Accelerate: port {port} is already in use (another run on this machine?); "
+                "pass --main_process_port with a free port to accelerate launch"
+            ) from None
+        raise ToyaccelError(f"cannot set up Accelerate: {reason}") from None
     return accelerator
 
 
@@ -52,17 +59,20 @@ def check_world(accelerator: accelerate.Accelerator) -> None:
         raise ToyaccelError(
             f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
             f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
+            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs",
+            every_process=True,
         )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         raise ToyaccelError(
             f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
+            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU",
+            every_process=True,
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
+            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no",
+            every_process=True,
         )
 
 

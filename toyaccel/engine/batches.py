@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader
 
+from toyaccel.engine.orphans import die_with_parent
 from toyaccel.engine.placement import dataset_device
 from toyaccel.errors import ToyaccelError
 
@@ -115,6 +117,7 @@ def data_loader(dataset, batch_sampler, config, pin_memory: bool = False) -> Dat
         num_workers=config.num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if config.num_workers else None,
     )
 
 

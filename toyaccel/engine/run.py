@@ -20,26 +20,27 @@ from accelerate.utils import gather_object
 
 from toyaccel.engine.accelerator import build_accelerator, check_world, release
 from toyaccel.engine.checkpoint import (
-    ResumePlan,
+    finish_checkpoint,
     load_checkpoint,
-    plan_resume,
     set_aside_abandoned,
     wait_for_checkpoint,
 )
 from toyaccel.engine.distributed import on_main_process
+from toyaccel.engine.folder_lock import FolderHold
 from toyaccel.engine.interrupts import StopRequests
+from toyaccel.engine.orphans import stop_when_launcher_ends
 from toyaccel.engine.placement import apply_tf32, gpu_description
 from toyaccel.engine.plots import plot_metrics
 from toyaccel.engine.reporting import say
+from toyaccel.engine.resume import ResumePlan, plan_resume
 from toyaccel.engine.run_dir import (
     claim_for_this_launch,
     launch_id,
     prepare_output_dir,
-    restart_of_owning_launch,
     save_weights,
     write_json,
 )
-from toyaccel.engine.trainer import Trainer, TrainingJob
+from toyaccel.engine.trainer import Advice, Trainer, TrainingJob
 from toyaccel.engine.workload import Workload
 
 
@@ -72,7 +73,7 @@ class RunResult:
         return {**self.metrics, **fields}
 
 
-def train(config, workload: Workload, options: dict[str, Any], said: frozenset[str] = frozenset()) -> RunResult:
+def train(config, workload: Workload, options: dict[str, Any], advice: Advice | None = None) -> RunResult:
     """Read the data, build the Accelerator and run the training (see TrainingJob for the arguments);
     raises ToyaccelError on bad input, on every process, before anything is written."""
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
@@ -80,9 +81,10 @@ def train(config, workload: Workload, options: dict[str, Any], said: frozenset[s
     accelerator = build_accelerator(config)
     # From here on a stop signal is only noted, until the process is ready to exit: the training
     # loop turns it into a checkpoint, and a second one cannot cut that (or the teardown) short.
-    with StopRequests() as stops:
+    job = TrainingJob(config, workload, data, options, advice or Advice())
+    with StopRequests() as stops, stop_when_launcher_ends(), FolderHold(config.output_dir) as hold:
         try:
-            return run(Trainer(accelerator, TrainingJob(config, workload, data, options, said), stops))
+            return run(Trainer(accelerator, job, stops), hold)
         finally:
             # A failed run still publishes the checkpoint it started before anything reads the folder again;
             # the error that stopped it is the one to report.
@@ -91,7 +93,7 @@ def train(config, workload: Workload, options: dict[str, Any], said: frozenset[s
             release(accelerator)
 
 
-def run(trainer: Trainer) -> RunResult:
+def run(trainer: Trainer, hold: FolderHold) -> RunResult:
     """The run: set up, resume or start, train the epochs (evaluating and checkpointing after each), save."""
     accelerator, config, job = trainer.accelerator, trainer.config, trainer.job
     check_world(accelerator)
@@ -100,7 +102,12 @@ def run(trainer: Trainer) -> RunResult:
     backend = accelerator.state.backend if accelerator.num_processes > 1 else None
     say(accelerator, describe(trainer, gpu_description(accelerator.device, tf32, placement, backend)))
     trainer.prepare()
-    plan = on_main_process(accelerator, decide_resume, config, trainer.state, functools.partial(say, accelerator))
+    # Before anything in the folder is read or changed: a second run, resume or --overwrite into a
+    # folder that a live run holds stops here.
+    on_main_process(accelerator, hold.claim)
+    hold.join()
+    steps, tell = trainer.sampler.steps_per_epoch, functools.partial(say, accelerator)
+    plan = on_main_process(accelerator, plan_resume, config, trainer.state, steps, tell)
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
     if config.log_with:
         accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
@@ -146,10 +153,11 @@ def train_epochs(trainer: Trainer) -> tuple[dict[str, dict[str, Any]], float | N
         state.finish_epoch()
         due = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
         metrics = trainer.score(trainer.model) if due else None
+        trainer.check_finite(metrics)
         sample = workload.after_epoch(trainer.accelerator, trainer.model, config, trainer.job.data)
         trainer.logger.log({**epoch_record(state, metrics or {}, workload), **sample})
         trainer.checkpointer.save(state)
-    wait_for_checkpoint()
+    finish_checkpoint(trainer.accelerator)
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
         metrics = trainer.score(trainer.model)
     return metrics, final_loss, samples_trained / train_seconds if train_seconds else 0.0
@@ -162,12 +170,6 @@ def epoch_record(state, metrics: dict[str, dict[str, Any]], workload: Workload) 
 def last_logged_loss(history: list[dict[str, Any]]) -> float | None:
     losses = [r["loss"] for r in history if r.get("kind") == "step"]
     return losses[-1] if losses else None
-
-
-def decide_resume(config, fresh, say) -> ResumePlan:
-    """On the main process only (see on_main_process): every process then follows the same plan."""
-    restarted = config.resume is None and restart_of_owning_launch(config.output_dir)
-    return plan_resume(config.output_dir, config.resume, fresh, restarted, say)
 
 
 def start_or_resume(trainer: Trainer, plan: ResumePlan):
@@ -194,7 +196,7 @@ def describe(trainer: Trainer, device_details: str = "") -> str:
     """One line, printed once, that says what this run is: where it runs (on a GPU: TF32, where the data
     lives), the data as read, where its files go and the options that apply."""
     accelerator, config, job = trainer.accelerator, trainer.config, trainer.job
-    said = {"output_dir", *job.said}
+    said = {"output_dir", *job.advice.said}
     if accelerator.device.type != "cuda":  # GPU settings: device_details says what they did on a GPU
         said |= {"tf32", "data_placement"}
     shown = {**job.options, **({} if config.log_every else {"log_every": "auto"})}  # 0 reads as "never"

@@ -87,9 +87,21 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
     except OSError as e:
         raise ToyaccelError(f"cannot write to output directory {out}: {e.strerror or e}") from None
     if overwrite and not resuming:
+        refuse_linked_run_entries(out)
         for name in found:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def refuse_linked_run_entries(out: Path) -> None:
+    """--overwrite removes what toyaccel wrote; a link in its place was made by someone else, and
+    removing through it would delete what it points to (checked before anything is removed)."""
+    for name in RUN_FILES:
+        if (out / name).is_symlink():
+            raise ToyaccelError(
+                f"{out / name} is a symbolic link, which --overwrite neither follows nor removes: remove it "
+                "yourself, or choose another --output-dir"
+            )
 
 
 def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:

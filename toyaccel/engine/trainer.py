@@ -9,16 +9,23 @@ shards the data and averages the gradients; the workload (toyaccel.engine.worklo
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 
 from toyaccel.engine.batches import build_train_loader, draw_epoch_seed
-from toyaccel.engine.checkpoint import Checkpointer, TrainerState, wait_for_checkpoint
+from toyaccel.engine.checkpoint import (
+    Checkpointer,
+    TrainerState,
+    checkpoint_dirs,
+    finish_checkpoint,
+    wait_for_checkpoint,
+)
 from toyaccel.engine.distributed import check_processes_agree
 from toyaccel.engine.faults import fault_hooks
 from toyaccel.engine.interrupts import StopRequests
@@ -26,7 +33,7 @@ from toyaccel.engine.optim import build_optimizer, learning_rate, optimizer_to_s
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.reporting import MetricsLogger, say
 from toyaccel.engine.workload import Workload
-from toyaccel.errors import Interrupted
+from toyaccel.errors import Interrupted, ToyaccelError
 
 FOLD_LOSSES = 1024
 
@@ -35,13 +42,21 @@ FOLD_LOSSES = 1024
 class TrainingJob:
     """What one run trains: its options (``config``: the engine reads the run and optimizer options), the
     workload, the data as the workload read it, and the options that take part in the run (config.json's
-    and the start-up line's; ``said``: those the data's description already says)."""
+    and the start-up line's)."""
 
     config: Any
     workload: Workload
     data: Any
     options: dict[str, Any]
-    said: frozenset[str] = frozenset()
+    advice: Advice = field(default_factory=lambda: Advice())
+
+
+@dataclass
+class Advice:
+    """How this run's messages are worded for its model family (the top layer knows it)."""
+
+    said: frozenset[str] = frozenset()  # options the data's description already says
+    clipping: bool = False  # a diverging loss suggests --max-grad-norm too
 
 
 class Trainer:
@@ -143,8 +158,12 @@ class Trainer:
                 path = self.checkpointer.save(state)
                 window.restart()
             if stop_signal:
-                wait_for_checkpoint()
-                raise interrupted(accelerator, stop_signal, path, state, config.epochs)
+                finish_checkpoint(accelerator)
+                stopped = interrupted(accelerator, stop_signal, path, state, config.epochs)
+                # No process exits before the checkpoint is published and said: mpirun kills the others
+                # ~0.25 s after the first one exits.
+                accelerator.wait_for_everyone()
+                raise stopped
         logger.end_epoch()
         return last_loss
 
@@ -152,6 +171,9 @@ class Trainer:
         """Log the mean loss over processes and over the steps since the last log line; return it."""
         accelerator, config, window = self.accelerator, self.config, self.window
         loss = accelerator.reduce(torch.stack(window.losses).sum(), "mean").item() / window.micro_steps
+        if not math.isfinite(loss):  # read here, where it costs no extra wait on the device
+            first = self.state.global_step - window.micro_steps // accelerator.gradient_accumulation_steps + 1
+            raise self.diverged(loss, f"in steps {first}-{self.state.global_step}")
         samples_per_s = window.micro_steps * config.batch_size * accelerator.num_processes / window.seconds()
         self.logger.log({
             "kind": "step", "epoch": self.state.epoch + 1, "step": self.state.global_step, "loss": loss, "lr": lr,
@@ -159,6 +181,30 @@ class Trainer:
         })  # fmt: skip
         window.restart()
         return loss
+
+
+    def check_finite(self, metrics: dict[str, dict[str, Any]] | None) -> None:
+        """Weights that an epoch's last steps made non-finite show in its evaluation, before its checkpoint."""
+        state = self.state
+        for split, figures in (metrics or {}).items():
+            loss = figures.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise self.diverged(loss, f"on the {split} data after epoch {state.epoch} (step {state.global_step})")
+
+    def diverged(self, loss: float, where: str) -> ToyaccelError:
+        """The one line of a run whose loss stopped being a number: raised before the step is logged or
+        checkpointed, so the checkpoints on disk all hold finite weights."""
+        config = self.config
+        remedy = f"lower --lr (now {config.lr:g})"
+        if self.job.advice.clipping:
+            remedy += " or clip gradients with --max-grad-norm (e.g. 1.0)" if not config.max_grad_norm else (
+                f" or --max-grad-norm (now {config.max_grad_norm:g})")  # fmt: skip
+        wait_for_checkpoint()
+        kept = checkpoint_dirs(config.output_dir)
+        saved = f"the newest checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+        return ToyaccelError(
+            f"the training loss became {loss} {where}: training diverged; {remedy} ({saved})", every_process=True
+        )
 
 
 class LossWindow:
