@@ -136,7 +136,7 @@ class Trainer:
         self.model.train()
         # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
         # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
-        window = self.window = LossWindow()
+        window = self.window = step.window = LossWindow()
         last_loss = None
         for inputs, targets in self.loader:
             if not step(inputs, targets, state):
@@ -235,7 +235,7 @@ class Step:
 
     def __init__(self, trainer: Trainer):
         accelerator, config, workload = trainer.accelerator, trainer.config, trainer.job.workload
-        self.accelerator, self.model, self.trainer = accelerator, trainer.model, trainer
+        self.accelerator, self.model, self.window = accelerator, trainer.model, None
         self.stepper = stepper = optimizer_to_step(accelerator, trainer.optimizer)
         # accumulate() and accelerator.backward() cost ~20 us a step each (15% of the book MLP's step at
         # batch 256). With one micro-step per optimizer step and a directly stepped optimizer (no scaler,
@@ -260,7 +260,7 @@ class Step:
                     loss = self.loss(model(inputs), targets)
             self.micro_in_step += 1
             self.backward(loss)
-            self.trainer.window.add(loss.detach())
+            self.window.add(loss.detach())
             if not accelerator.sync_gradients:
                 return False
             if self.max_grad_norm:
