@@ -358,7 +358,9 @@ def check_output_dir(path: str) -> None:
     if not path.strip():
         raise ToyaccelError(f"--output-dir {path!r} is empty: name the folder the run's files go to, e.g. runs/mine")
     if Path(path).resolve() == Path(Path(path).resolve().anchor):
-        raise ToyaccelError(f"--output-dir {path} is the filesystem root: name a folder of the run's own, e.g. /runs/mine")
+        raise ToyaccelError(
+            f"--output-dir {path} is the filesystem root: name a folder of the run's own, e.g. /runs/mine"
+        )
 
 
 def flag(name: str) -> str:
