@@ -212,3 +212,34 @@ def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_afresh(tmp_
     logged = [[(r["kind"], r["step"], r.get("loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
               for run in (killed, reference)]  # fmt: skip
     assert logged[0] == logged[1]  # the killed attempt's line of step 1 once, not twice
+
+
+def test_a_run_records_what_it_used_and_evaluates_from_anywhere(tmp_path, monkeypatch, capsys):
+    """config.json records the data's path absolute (the command gave it relative), log_every and tf32 as
+    used (not 0 for "auto", not TF32 on a CPU); the checkpoint's state no num_samples for a CSV run. From
+    another directory, evaluate rebuilds the validation rows; on a config.json edited to name a file that is
+    not data it names the file and quotes none of it."""
+    from toyaccel.cli import evaluate_main
+    from toyaccel.inference import evaluate_run
+
+    rows = [f"{i % 7 * 0.5},{i % 3 - 1},{i % 2}" for i in range(40)]
+    (tmp_path / "rows.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    fit(data="rows.csv", val_fraction=0.25, epochs=1, batch_size=5, output_dir="run", progress=False, plot=False)
+    run = tmp_path / "run"
+    saved = read_json(run / "config.json")
+    assert saved["config"]["data"] == str(tmp_path / "rows.csv")
+    assert (saved["config"]["log_every"], saved["config"]["tf32"]) == (1, False)  # 6 steps an epoch: 6 // 10 -> 1
+    training = read_json(checkpoint_dirs(run)[0] / "trainer_state.json")["training"]
+    assert training["data"] == "rows.csv" and "num_samples" not in training and "num_features" not in training
+
+    monkeypatch.chdir(tmp_path.parent)
+    assert evaluate_run(run)["loss"] == read_json(run / "results.json")["val_loss"]
+    saved["config"]["data"] = "/etc/passwd"
+    (run / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert evaluate_main([str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run / 'config.json'}: the run's data (/etc/passwd) no longer reads as the rows it was trained on "
+        "(changed, replaced, or config.json edited); pass --data FILE.csv to evaluate on a file\n"
+    )
