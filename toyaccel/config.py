@@ -333,14 +333,14 @@ def unset(name: str, value: Any) -> bool:
     return value is None or value == [] or value == "" or (name == "val_fraction" and not value)
 
 
-def with_absolute_paths(options: dict[str, Any], base: str | None = None) -> dict[str, Any]:
-    """``options`` with the --data and --val-data paths made absolute, relative ones taken from ``base``
-    (default: the current directory): config.json records them so, and a run evaluates from anywhere."""
+def with_absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the --data and --val-data paths made absolute (relative ones are relative to the
+    current directory): config.json records them so, and a run evaluates from anywhere."""
     resolved = dict(options)
     for name in ("data", "val_data"):
         value = resolved.get(name)
         if isinstance(value, str) and value and not (name == "data" and value in ("toy", "synthetic")):
-            resolved[name] = os.path.abspath(os.path.join(base or os.getcwd(), value))
+            resolved[name] = os.path.abspath(value)
     return resolved
 
 
