@@ -33,6 +33,7 @@ from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from toyaccel.config import run_identity
 from toyaccel.errors import ToyaccelError
 from toyaccel.faults import maybe_inject_fault
 from toyaccel.outputs import current_umask, read_run_config, respect_umask
@@ -519,11 +520,12 @@ def newest_complete_checkpoint(
 
 
 def same_run_in(output_dir: str, expected: TrainerState) -> bool:
-    """Whether ``output_dir`` holds a run with the same training settings (its config.json)."""
+    """Whether ``output_dir`` holds a run with the same training settings (its config.json). config.json
+    keeps only the options that are set and apply, so both sides are compared as run_identity puts them."""
     try:
         saved = read_run_config(output_dir)["config"]
-        return {name: saved.get(name) for name in expected.training} == expected.training
-    except (ToyaccelError, KeyError, TypeError):
+        return run_identity(saved) == run_identity(expected.training)
+    except (ToyaccelError, KeyError, TypeError, AttributeError):
         return False
 
 

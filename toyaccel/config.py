@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,8 @@ class TrainConfig:
             raise ToyaccelError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction and self.val_data:
             raise ToyaccelError("give either val_data or val_fraction, not both")
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir)
         self.validate_workload()
 
     def validate_workload(self) -> None:
@@ -272,8 +275,10 @@ class TrainConfig:
         return d
 
     def training_dict(self) -> dict[str, Any]:
+        """The training fields that take part in this run (a CSV run has no num_samples): what a checkpoint
+        records and must match."""
         d = self.to_dict()
-        return {name: d[name] for name in self.TRAINING_FIELDS}
+        return {name: d[name] for name in self.TRAINING_FIELDS if option_applies(name, d)}
 
     def replace(self, **changes: Any) -> TrainConfig:
         unset = {name: None for name in getattr(self, "_defaulted", ()) if name not in changes}
@@ -309,19 +314,53 @@ def parse_names(value: Any) -> tuple[str, ...]:
 def applicable_options(config: TrainConfig) -> dict[str, Any]:
     """The options that take part in this run: unset ones and those of another data source left out.
     What the start-up line prints and config.json keeps."""
-    csv_only = ("label_column", "ignore_columns")
-    synthetic_only = ("num_samples", "num_features")
-    other_family = MLP_OPTIONS if config.model == "gpt" else GPT_OPTIONS
+    options = config.to_dict()
+    return {name: value for name, value in options.items() if option_applies(name, options) and not unset(name, value)}
 
-    def applies(name: str, value: Any) -> bool:
-        unset = value is None or value == [] or value == "" or (name == "val_fraction" and not value)
-        if unset or name in other_family:
-            return False
-        if name in csv_only:
-            return config.data not in ("toy", "synthetic")
-        return name not in synthetic_only or config.data == "synthetic"
 
-    return {name: value for name, value in config.to_dict().items() if applies(name, value)}
+def option_applies(name: str, options: dict[str, Any]) -> bool:
+    """Whether option ``name`` takes part in the run ``options`` describe: not one of the other model's,
+    nor one of another data source's (num_samples is the synthetic data's, label_column a CSV's)."""
+    other_family = MLP_OPTIONS if options.get("model") == "gpt" else GPT_OPTIONS
+    if name in other_family:
+        return False
+    if name in ("label_column", "ignore_columns"):
+        return options.get("data") not in ("toy", "synthetic")
+    return name not in ("num_samples", "num_features") or options.get("data") == "synthetic"
+
+
+def unset(name: str, value: Any) -> bool:
+    return value is None or value == [] or value == "" or (name == "val_fraction" and not value)
+
+
+def with_absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the --data and --val-data paths made absolute (relative ones are relative to the
+    current directory): config.json records them so, and a run evaluates from anywhere."""
+    resolved = dict(options)
+    for name in ("data", "val_data"):
+        value = resolved.get(name)
+        if isinstance(value, str) and value and not (name == "data" and value in ("toy", "synthetic")):
+            resolved[name] = os.path.abspath(value)
+    return resolved
+
+
+def run_identity(options: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run, from a config.json's ``config`` section or a TrainerState's
+    ``training``, both normalised alike: the training options that apply and are set, data paths absolute
+    (a config.json saved with relative ones is read from the current directory, where a job runs again)."""
+    same = {name: value for name, value in options.items() if name in TrainConfig.TRAINING_FIELDS}
+    return with_absolute_paths({k: v for k, v in same.items() if option_applies(k, same) and not unset(k, v)})
+
+
+def check_output_dir(path: str) -> None:
+    """Every file of a run goes inside its own folder: an empty name would put them in the current
+    directory and the filesystem root, the root would mix them with the system's."""
+    if not path.strip():
+        raise ToyaccelError(f"--output-dir {path!r} is empty: name the folder the run's files go to, e.g. runs/mine")
+    if Path(path).resolve() == Path(Path(path).resolve().anchor):
+        raise ToyaccelError(
+            f"--output-dir {path} is the filesystem root: name a folder of the run's own, e.g. /runs/mine"
+        )
 
 
 def flag(name: str) -> str:

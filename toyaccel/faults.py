@@ -2,7 +2,8 @@
 
 ``TOYACCEL_FAULT=step:K`` kills the process right after optimizer step K (before any checkpoint of
 that step); ``TOYACCEL_FAULT=checkpoint:K`` kills it while checkpoint K is half written.
-``TOYACCEL_FAULT=stall:K`` makes the process wait after optimizer step K until it is sent a stop
+``TOYACCEL_FAULT=raise:K`` raises an error inside optimizer step K, as an overflow or running out of
+memory would. ``TOYACCEL_FAULT=stall:K`` makes the process wait after optimizer step K until it is sent a stop
 signal (so a test can interrupt a short run mid-epoch); ``TOYACCEL_FAULT=rng-drift`` makes it draw
 one extra random number before its first epoch, as a rank whose random stream went astray would.
 ``TOYACCEL_FAULT_RANK`` picks the process (default: every process). Under an elastic launcher the
@@ -38,6 +39,11 @@ def faults_armed() -> bool:
 def maybe_inject_fault(point: str, global_step: int, process_index: int) -> None:
     if _fault_here(point, global_step, process_index):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_raise(global_step: int, process_index: int) -> None:
+    if _fault_here("raise", global_step, process_index):
+        raise RuntimeError(f"TOYACCEL_FAULT: an error inside optimizer step {global_step}")
 
 
 def maybe_stall(global_step: int, process_index: int, signalled: Callable[[], int]) -> None:

@@ -75,7 +75,9 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             gradient_accumulation_steps=config.grad_accum,
             dynamo_backend="inductor" if config.compile else None,
             log_with=config.log_with,
-            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+            project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+            ),
         )
     except (ValueError, ImportError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]

@@ -74,6 +74,12 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
     if out.exists() and not out.is_dir():
         raise ToyaccelError(f"output directory {out} exists and is not a directory")
     found = existing_run_files(out) if out.exists() else []
+    foreign = not_a_run_because(out) if found and not resuming else None
+    if foreign:
+        raise ToyaccelError(
+            f"{out} holds {', '.join(found)} but is not a toyaccel run ({foreign}): toyaccel neither writes over "
+            "nor removes them (--overwrite included); choose another --output-dir"
+        )
     if found and not (overwrite or resuming):
         raise ToyaccelError(
             f"{out} already holds a run ({', '.join(found)}); pass --overwrite to replace it, "
@@ -102,6 +108,19 @@ def refuse_linked_run_entries(out: Path) -> None:
                 f"{out / name} is a symbolic link, which --overwrite neither follows nor removes: remove it "
                 "yourself, or choose another --output-dir"
             )
+
+
+def not_a_run_because(folder: Path) -> str | None:
+    """Why ``folder`` is not a toyaccel run, or None where it is one: a toyaccel run is recognised by its
+    config.json, which toyaccel writes first (once training has taken its first step) and which must read as
+    a run's. Files of the same names written by anything else are not toyaccel's to replace or delete."""
+    if not (Path(folder) / "config.json").is_file():
+        return "no config.json"
+    try:
+        read_run_config(folder)
+    except ToyaccelError:
+        return "its config.json is not a toyaccel run's"
+    return None
 
 
 def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:

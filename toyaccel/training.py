@@ -36,11 +36,11 @@ from toyaccel.checkpoint import (
     set_aside_abandoned,
     wait_for_checkpoint,
 )
-from toyaccel.config import TrainConfig, applicable_options
+from toyaccel.config import TrainConfig, applicable_options, with_absolute_paths
 from toyaccel.data import EpochBatchSampler, build_train_loader, draw_epoch_seed
 from toyaccel.device import DataPlacement, apply_tf32, choose_placement, gpu_description
 from toyaccel.errors import Interrupted, ToyaccelError
-from toyaccel.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_stall
+from toyaccel.faults import faults_armed, maybe_drift_rng, maybe_inject_fault, maybe_raise, maybe_stall
 from toyaccel.folder_lock import FolderHold
 from toyaccel.interrupts import StopRequests
 from toyaccel.launch import build_accelerator, check_world
@@ -130,27 +130,42 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         accelerator, decide_resume, config, run.state, run.sampler.steps_per_epoch, functools.partial(say, accelerator)
     )
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
-    if config.log_with:
-        accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
     model, optimizer, train_loader, sampler, score = run.model, run.optimizer, run.train_loader, run.sampler, run.score
     state = start_or_resume(accelerator, config, plan, run.state)
     launch_ids = gather_object([launch_id()])
     if accelerator.is_main_process:
-        write_json(f"{config.output_dir}/config.json", run_description(config, data, accelerator))
-        workload.save_extras(config.output_dir, data)
-        claim_for_this_launch(config.output_dir, launch_ids)
         report_abandoned(accelerator, set_aside_abandoned(config.output_dir, state.global_step), state.global_step)
     resume_step = state.global_step if plan.resuming else None
     logger = MetricsLogger(accelerator, config.output_dir, config.epochs, config.progress, resume_step)
     log_every = config.log_every or max(1, sampler.steps_per_epoch // 10)
+    used = {"log_every": log_every, "tf32": tf32}
+    files_written = False
+
+    def write_run_files() -> None:
+        """What makes the folder hold this run, written once its first optimizer step is done (or, resumed
+        after the last one, before its outputs): a run that fails before (an overflow, out of memory, a
+        kill) leaves nothing a later run into the folder trips on, and no cleanup that could fail itself."""
+        nonlocal files_written
+        if files_written:
+            return
+        files_written = True
+        if accelerator.is_main_process:  # config.json first: it is what marks a folder as a toyaccel run's
+            write_json(Path(config.output_dir) / "config.json", run_description(config, data, accelerator, used))
+            if config.log_with:
+                accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
+            workload.save_extras(config.output_dir, data)
+            claim_for_this_launch(config.output_dir, launch_ids)
+            logger.start_file()
+
     final_loss, train_seconds, samples_trained = None, 0.0, 0
     metrics = None
 
     for _ in range(state.epoch, config.epochs):
         started, first_step = time.perf_counter(), state.global_step
         loss = train_one_epoch(
-            accelerator, model, optimizer, train_loader, sampler, state, config, logger, log_every, stops
-        )
+            accelerator, model, optimizer, train_loader, sampler, state, config, logger, log_every, stops,
+            write_run_files,
+        )  # fmt: skip
         final_loss = loss if loss is not None else final_loss
         train_seconds += time.perf_counter() - started
         samples_trained += (state.global_step - first_step) * state.global_batch
@@ -165,6 +180,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
 
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
         metrics = score(model)
+    write_run_files()
     samples_per_s = samples_trained / train_seconds if train_seconds else 0.0
     result = RunResult(
         metrics=workload.result_metrics(metrics, samples_per_s, config),
@@ -227,10 +243,11 @@ FOLD_LOSSES = 1024
 
 
 def train_one_epoch(
-    accelerator, model, optimizer, loader, sampler, state, config, logger, log_every, stops=None
+    accelerator, model, optimizer, loader, sampler, state, config, logger, log_every, stops=None, after_first_step=None
 ) -> float | None:
     """Train on this epoch's batches (the rest of them when resuming); return the last logged loss.
-    On a stop signal (``stops``), checkpoint after the step all processes agree on and raise Interrupted."""
+    On a stop signal (``stops``), checkpoint after the step all processes agree on and raise Interrupted.
+    ``after_first_step`` is called once this call's first optimizer step is done."""
     stops = stops or StopRequests()
     if state.epoch_seed is None:
         maybe_drift_rng(accelerator.process_index)
@@ -265,6 +282,8 @@ def train_one_epoch(
     window_micro_steps, window_start = 0, time.perf_counter()
     last_loss, micro_in_step = None, 0
     for inputs, targets in loader:
+        if faults:
+            maybe_raise(state.global_step + 1, accelerator.process_index)
         with micro_step(model):
             if own_rng is None:
                 loss = workload.loss(model(inputs), targets)
@@ -288,6 +307,9 @@ def train_one_epoch(
             stepper.zero_grad(set_to_none=True)
         micro_in_step = 0
         state.finish_step()
+        if after_first_step is not None:
+            after_first_step()
+            after_first_step = None
         logger.advance()
         if faults:
             # The checkpoint being published lands before a fault fires: a crash test knows what is on disk.
@@ -551,12 +573,14 @@ def describe(config: TrainConfig, accelerator: Accelerator, data, device_details
     )
 
 
-def run_description(config: TrainConfig, data, accelerator: Accelerator) -> dict[str, Any]:
+def run_description(config: TrainConfig, data, accelerator: Accelerator, used: dict[str, Any]) -> dict[str, Any]:
     """config.json: enough to rebuild the model (its input scaling and class names, or its tokenizer)
-    without toyaccel's pickles; ``config`` holds the options that apply to this run."""
+    without toyaccel's pickles; ``config`` holds the options that apply to this run, data paths absolute (a
+    run evaluates from any directory), and where an option was resolved at run time (--log-every 0 is
+    "auto", TF32 is off on a CPU) the value ``used``."""
     workload = get_workload(config.model)
     return {
-        "config": applicable_options(config),
+        "config": {**with_absolute_paths(applicable_options(config)), **used},
         **workload.run_description(config, data),
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
@@ -571,9 +595,10 @@ def save_outputs(accelerator: Accelerator, model, config: TrainConfig, result: R
     # must have the plain model's keys whatever --compile was.
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
-        save_weights(state_dict, f"{config.output_dir}/model.safetensors")
-        write_json(f"{config.output_dir}/results.json", result.to_json())
-        if config.plot and not plot_metrics(result.history, f"{config.output_dir}/loss.png"):
+        out = Path(config.output_dir)
+        save_weights(state_dict, out / "model.safetensors")
+        write_json(out / "results.json", result.to_json())
+        if config.plot and not plot_metrics(result.history, out / "loss.png"):
             say(accelerator, "matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
     accelerator.wait_for_everyone()
 

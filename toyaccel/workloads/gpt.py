@@ -249,22 +249,24 @@ def generate_from_run(
 def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | None) -> dict[str, Any]:
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
-    from toyaccel.config import build_config
+    from toyaccel.config import WORKLOAD_DEFAULTS, build_config
     from toyaccel.text import TextWindows, read_text, split_text
     from toyaccel.training import on_accelerator
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
+    # A run on a file saves no num_samples (the synthetic text's length): --data synthetic then reads the default.
+    num_chars = options.get("num_samples") or WORKLOAD_DEFAULTS["gpt"]["num_samples"]
     if data is None:
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
-            full = source_text(options["data"], options["num_samples"], options["seed"])
+            full = source_text(options["data"], num_chars, options["seed"])
             text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
         else:
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
     else:
-        text, what = source_text(data, options["num_samples"], options["seed"]), data
+        text, what = source_text(data, num_chars, options["seed"]), data
     context = saved["model"]["context_length"]
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     dataset = TextWindows(ids, context, options.get("stride") or context)
