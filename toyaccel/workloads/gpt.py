@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import TrainConfig, check_seed
+from toyaccel.config import TOKENIZERS, TrainConfig, check_seed
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.metrics import say
@@ -126,6 +126,26 @@ def run_description(config: TrainConfig, data: TextBundle) -> dict[str, Any]:
         "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
                  "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
     }  # fmt: skip
+
+
+def check_run_description(saved: dict[str, Any]) -> None:
+    """config.json's model and tokenizer sections, by the rules of the training options (its caller names the
+    file): the model section holds the same options as the command line."""
+    tokenizer = saved.get("tokenizer")
+    kind = tokenizer.get("type") if isinstance(tokenizer, dict) else None
+    if kind not in TOKENIZERS:
+        raise ToyaccelError(f"tokenizer: type must be one of {', '.join(TOKENIZERS)}, got {kind!r:.80}")
+    shape = saved["model"]
+    missing = [key for key in MODEL_KEYS if key not in shape]
+    if missing:
+        raise ToyaccelError(f"model: {missing[0]} is missing")
+    try:
+        # One synthetic character and SGD (no moments): the memory check counts the weights twice, as read
+        # and as loaded, which is what loading needs.
+        TrainConfig(model="gpt", data="synthetic", num_samples=1, optimizer="sgd", tokenizer=kind,
+                    **{key: shape[key] for key in MODEL_KEYS})  # fmt: skip
+    except ToyaccelError as e:
+        raise ToyaccelError(f"model: {e}") from None
 
 
 def describe_data(data: TextBundle) -> str:
