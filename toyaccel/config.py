@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ SECTIONS = {
                   "warmup_steps", "max_grad_norm"),
 }  # fmt: skip
 DATA_PLACEMENTS = ("auto", "device", "host")
+# torch.manual_seed takes 0..2**64-1, and the synthetic text seeds a second generator with seed + 1.
+MAX_SEED = 2**64 - 2
+# The optimizers compute in float32: a larger rate overflows in their first step.
+MAX_LR = 3.4028234663852886e38
+WORKERS_PER_CORE = 4  # DataLoader workers beyond this many per core only wait for a CPU
 
 
 def _opt(default: Any, help: str, **extra: Any):
@@ -240,6 +246,15 @@ class TrainConfig:
             raise ToyaccelError(f"weight_decay must be 0 or positive, got {self.weight_decay}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ToyaccelError(f"lr must be a positive number, got {self.lr}")
+        if self.lr > MAX_LR:
+            raise ToyaccelError(f"lr must be at most {MAX_LR:.4g} (float32's largest number), got {self.lr:g}")
+        check_seed(self.seed, "seed")
+        most_workers = WORKERS_PER_CORE * (os.cpu_count() or 1)
+        if self.num_workers > most_workers:
+            raise ToyaccelError(
+                f"num_workers must be at most {most_workers} ({WORKERS_PER_CORE} x the {os.cpu_count() or 1} "
+                f"cores of this machine), got {self.num_workers}"
+            )
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ToyaccelError(f"max_grad_norm must be 0 (off) or positive, got {self.max_grad_norm}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -249,6 +264,7 @@ class TrainConfig:
         if self.output_dir is not None:
             check_output_dir(self.output_dir)
         self.validate_workload()
+        check_fits(training_memory(self), "the model and data")
 
     def validate_workload(self) -> None:
         other_family = MLP_OPTIONS if self.model == "gpt" else GPT_OPTIONS
@@ -283,6 +299,82 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         unset = {name: None for name in getattr(self, "_defaulted", ()) if name not in changes}
         return dataclasses.replace(self, **unset, **changes)
+
+
+def check_seed(value: int, name: str) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ToyaccelError(f"{name} must be in 0..{MAX_SEED}, got {value}")
+
+
+def check_count(name: str, value: Any, least: int) -> None:
+    """A size read from a file (config.json): an int, at least ``least``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ToyaccelError(f"{name} must be int, got {value!r}")
+    if value < least:
+        raise ToyaccelError(f"{name} must be at least {least}, got {value}")
+
+
+def mlp_parameters(num_inputs: int, hidden: tuple[int, ...], num_outputs: int) -> int:
+    sizes = [num_inputs, *hidden, num_outputs]
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+
+
+def gpt_parameters(config: TrainConfig) -> int:
+    emb, vocab = config.emb_dim, config.vocab_size + -config.vocab_size % 64  # padded rows (workloads.gpt)
+    block = 12 * emb * emb + 13 * emb + (3 * emb if config.qkv_bias else 0)
+    return 2 * vocab * emb + config.context_length * emb + config.n_layers * block + 2 * emb
+
+
+def training_memory(config: TrainConfig) -> int:
+    """Bytes a run needs at the least: float32 parameters, their gradients and AdamW's two moments, and the
+    synthetic data (the GPT's text is made through Python lists, ~56 bytes a character). Activations and
+    a file's data are left out: a lower bound, so that a refusal is never wrong."""
+    copies = 4 if config.optimizer == "adamw" else 2
+    synthetic = config.data == "synthetic"
+    if config.model == "gpt":
+        parameters = gpt_parameters(config)
+        data = 56 * config.num_samples if synthetic else 0
+    else:
+        num_inputs = config.num_features if synthetic else 2 if config.data == "toy" else 1
+        parameters = mlp_parameters(num_inputs, config.hidden, config.num_classes or 2)
+        data = config.num_samples * (2 * 4 * config.num_features + 8) if synthetic else 0
+    return 4 * parameters * copies + data
+
+
+def machine_memory() -> int | None:
+    """This machine's memory in bytes (not what is free now: a busy moment must not refuse a run)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def in_bytes(n: float) -> str:
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def check_fits(needed: int, what: str) -> None:
+    total = machine_memory()
+    if total and needed > total:
+        raise ToyaccelError(f"{what} need at least {in_bytes(needed)}, this machine has {in_bytes(total)} of memory")
+
+
+def require_regular_file(path: str | Path) -> None:
+    """Only regular files are read: a fifo may never end (or never start), a device such as /dev/zero
+    never ends. A missing path is left to the caller, which words it for its option."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = next((words for test, words in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a fifo"),
+                 (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")) if test(mode)),
+                "not a file")  # fmt: skip
+    raise ToyaccelError(f"{path}: {kind}, not a regular file (only regular files are read)")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:
@@ -375,6 +467,7 @@ def field_names() -> list[str]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file: keys are TrainConfig fields (dashes or underscores)."""
     path = Path(path)
+    require_regular_file(path)
     try:
         text = path.read_text()
     except OSError as e:

@@ -161,15 +161,34 @@ def restart_of_owning_launch(output_dir: str) -> bool:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A saved run's config.json, checked as options are: it is input like any other (and may have been
+    edited). Every problem is one line naming the file and the key."""
+    from toyaccel.config import TrainConfig, build_config, require_regular_file
+
     path = Path(run_dir) / "config.json"
+    require_regular_file(path)
     try:
         saved = json.loads(path.read_text())
-        model_keys = get_workload(workload_of_run(saved)).MODEL_KEYS
-        [saved["model"][key] for key in model_keys]  # noqa: B018 - a KeyError names what is missing
     except FileNotFoundError:
         raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ToyaccelError(f"{path}: not a toyaccel run config ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise ToyaccelError(f"{path}: not a toyaccel run config (a JSON object with config and model sections)")
+    for section in ("config", "model"):
+        if not isinstance(saved.get(section, {}), dict):
+            raise ToyaccelError(f"{path}: {section} must be a mapping, got {type(saved[section]).__name__}")
+    if "model" not in saved:
+        raise ToyaccelError(f"{path}: not a toyaccel run config (no model section)")
+    try:
+        options = saved.get("config", {})
+        build_config(None, **{k: v for k, v in options.items() if k in TrainConfig.TRAINING_FIELDS})
+    except ToyaccelError as e:
+        raise ToyaccelError(f"{path}: config: {e}") from None
+    try:
+        get_workload(workload_of_run(saved)).check_run_description(saved)
+    except ToyaccelError as e:
+        raise ToyaccelError(f"{path}: {e}") from None
     return saved
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import TrainConfig
+from toyaccel.config import TOKENIZERS, TrainConfig, check_seed
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.metrics import say
@@ -17,6 +17,8 @@ from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perple
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
 SAMPLE_TOKENS = 50
+# One forward pass per token: a million is hours on a CPU, and its ids and text still fit in memory.
+MAX_NEW_TOKENS = 1_000_000
 EVAL_WINDOWS = 8  # toyaccel-evaluate's default windows per process per batch
 MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
@@ -126,6 +128,26 @@ def run_description(config: TrainConfig, data: TextBundle) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def check_run_description(saved: dict[str, Any]) -> None:
+    """config.json's model and tokenizer sections, by the rules of the training options (its caller names the
+    file): the model section holds the same options as the command line."""
+    tokenizer = saved.get("tokenizer")
+    kind = tokenizer.get("type") if isinstance(tokenizer, dict) else None
+    if kind not in TOKENIZERS:
+        raise ToyaccelError(f"tokenizer: type must be one of {', '.join(TOKENIZERS)}, got {kind!r:.80}")
+    shape = saved["model"]
+    missing = [key for key in MODEL_KEYS if key not in shape]
+    if missing:
+        raise ToyaccelError(f"model: {missing[0]} is missing")
+    try:
+        # One synthetic character and SGD (no moments): the memory check counts the weights twice, as read
+        # and as loaded, which is what loading needs.
+        TrainConfig(model="gpt", data="synthetic", num_samples=1, optimizer="sgd", tokenizer=kind,
+                    **{key: shape[key] for key in MODEL_KEYS})  # fmt: skip
+    except ToyaccelError as e:
+        raise ToyaccelError(f"model: {e}") from None
+
+
 def describe_data(data: TextBundle) -> str:
     """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), val 38 ...``"""
     windows = data.train.context_length
@@ -223,8 +245,9 @@ def generate_from_run(
 
     if launched_world_size() > 1:
         raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
-    if max_new_tokens < 0:
-        raise ToyaccelError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ToyaccelError(f"--max-new-tokens must be in 0..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+    check_seed(seed, "--seed")
     if not (temperature >= 0.0 and temperature != float("inf")):
         raise ToyaccelError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k is not None and top_k < 1:
