@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,18 @@ class TrainingJob:
     workload: Workload
     data: Any
     options: dict[str, Any]
-    advice: Advice = field(default_factory=lambda: Advice())
+    conventions: Conventions = field(default_factory=lambda: Conventions())
 
 
 @dataclass
-class Advice:
-    """How this run's messages are worded for its model family (the top layer knows it)."""
+class Conventions:
+    """What the layer above the engine knows of the run's options and saved runs, and tells it."""
 
-    said: frozenset[str] = frozenset()  # options the data's description already says
+    said: frozenset[str] = frozenset()  # options the data's description already says (the start-up line)
     clipping: bool = False  # a diverging loss suggests --max-grad-norm too
+    identity: Callable[[dict], Any] = dict  # what of the training options makes two runs the same run
+    read_run: Callable[[str], Any] | None = None  # reads a folder's config.json as a run's (ToyaccelError if not)
+    recorded: Callable[[dict], dict] = dict  # the options as config.json records them (data paths absolute)
 
 
 class Trainer:
@@ -71,6 +75,7 @@ class Trainer:
         self.checkpointer = Checkpointer(accelerator, self.config.output_dir, self.config.keep_last, self.hooks)
         self.placement = None
         self.logger: MetricsLogger | None = None
+        self.on_first_step: Callable[[], None] | None = None  # called once this run's first step is done
 
     def place_data(self):
         """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
@@ -137,11 +142,16 @@ class Trainer:
         # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
         # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
         window = self.window = step.window = LossWindow()
-        last_loss = None
+        last_loss, first_step = None, self.on_first_step
         for inputs, targets in self.loader:
+            if hooks is not None:
+                hooks.before_step(state.global_step + 1)
             if not step(inputs, targets, state):
                 continue
             state.finish_step()
+            if first_step is not None:
+                first_step()
+                first_step = self.on_first_step = None
             logger.advance()
             if hooks is not None:
                 hooks.after_step(state.global_step, lambda: stops.signum)
@@ -196,7 +206,7 @@ class Trainer:
         checkpointed, so the checkpoints on disk all hold finite weights."""
         config = self.config
         remedy = f"lower --lr (now {config.lr:g})"
-        if self.job.advice.clipping:
+        if self.job.conventions.clipping:
             remedy += " or clip gradients with --max-grad-norm (e.g. 1.0)" if not config.max_grad_norm else (
                 f" or --max-grad-norm (now {config.max_grad_norm:g})")  # fmt: skip
         wait_for_checkpoint()
