@@ -335,6 +335,8 @@ def training_memory(config: TrainConfig) -> int:
     """Bytes a run needs at the least: float32 parameters, their gradients and AdamW's two moments, and the
     synthetic data (the GPT's text is made through Python lists, ~56 bytes a character). Activations and
     a file's data are left out: a lower bound, so that a refusal is never wrong."""
+    if config.model not in WORKLOAD_DEFAULTS:
+        return 0  # a workload registered from outside toyaccel: nothing here knows its size
     copies = 4 if config.optimizer == "adamw" else 2
     synthetic = config.data == "synthetic"
     if config.model == "gpt":
