@@ -130,6 +130,7 @@ def train(accelerator: Accelerator, config: TrainConfig, data, stops: StopReques
         accelerator, decide_resume, config, run.state, run.sampler.steps_per_epoch, functools.partial(say, accelerator)
     )
     on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
+    hold.started = True
     model, optimizer, train_loader, sampler, score = run.model, run.optimizer, run.train_loader, run.sampler, run.score
     state = start_or_resume(accelerator, config, plan, run.state)
     launch_ids = gather_object([launch_id()])
