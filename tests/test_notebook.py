@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BOOK_LOSSES, assert_weights_close, check_ok, read_json, read_jsonl, run_python, weights
+from conftest import BOOK_LOSSES, assert_weights_close, check_ok, free_port, read_json, read_jsonl, run_python, weights
 from safetensors.torch import load_file
 
 import toyaccel
@@ -66,8 +66,8 @@ def test_notebook_launcher_runs_real_ddp_equal_to_accelerate_launch(ddp_run, tmp
         import toyaccel
 
         config = toyaccel.TrainConfig(batch_size=1, output_dir={str(tmp_path)!r}, progress=False)
-        notebook_launcher(toyaccel.fit, (config,), num_processes=2)
-    """)
+        notebook_launcher(toyaccel.fit, (config,), num_processes=2, use_port={str(free_port())!r})
+    """)  # the README's cell, on a free port: 29500, its default, may be taken by another launch here
     check_ok(run_python("-c", cell))
     results = read_json(tmp_path / "results.json")
     assert results["world_size"] == 2 and results["distributed_type"] == "MULTI_CPU"

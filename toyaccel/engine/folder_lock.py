@@ -38,6 +38,10 @@ class FolderHold:
         self._fd: int | None = None
         self._main = False
         self._created_folder = False
+        self._stale: bytes | None = None  # what a killed run's lock file said (it holds no lock)
+        # Set once the run has taken the folder for real (past its start-up checks): a refused run puts
+        # back the stale lock file it found, so it leaves the folder exactly as it was.
+        self.started = False
 
     def __enter__(self) -> FolderHold:
         return self
@@ -88,6 +92,7 @@ class FolderHold:
             if not _same_file(fd, self.path):
                 os.close(fd)
                 continue
+            self._stale = os.pread(fd, 4096, 0) or None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"host {_hostname()} pid {os.getpid()}\n".encode(), 0)
             # Shared from now on, so the run's other processes can hold it beside this one; a
@@ -120,7 +125,10 @@ class FolderHold:
             return
         if self._main:
             with contextlib.suppress(OSError):
-                if _same_file(fd, self.path):
+                if _same_file(fd, self.path) and self._stale is not None and not self.started:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, self._stale, 0)
+                elif _same_file(fd, self.path):
                     self.path.unlink()
             if self._created_folder:
                 with contextlib.suppress(OSError):

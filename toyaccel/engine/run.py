@@ -112,6 +112,7 @@ def run(trainer: Trainer, hold: FolderHold) -> RunResult:
     on_main_process(
         accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming, conventions.read_run
     )
+    hold.started = True
     state = trainer.state = start_or_resume(trainer, plan)
     launch_ids = gather_object([launch_id()])
     if accelerator.is_main_process:
