@@ -6,7 +6,7 @@
 
 On the same synthetic data (64k samples x 32 features x 4 classes) it times one epoch of:
   book      the book's loop: per-sample Dataset.__getitem__, default DataLoader(shuffle=True), plain PyTorch;
-  toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on what set_up_training,
+  toyaccel  toyaccel's own loop under Accelerate (toyaccel.engine.Trainer.train_epoch on what Trainer.prepare,
             train()'s own set-up, prepares);
   ceiling   the same model and SGD over pre-sliced batch tensors: no loader, no Accelerate;
 for the book's MLP (hidden 30,20) and a large MLP (2048,2048; its epoch is the first 8k rows) whose
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))  # run from a clone without installing
 
 from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
 from toyaccel.data import DataBundle, ToyDataset, synthetic_blobs  # noqa: E402
-from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
+from toyaccel.engine.launch import MPI_AS_ROOT_ENV  # noqa: E402
 from toyaccel.model import NeuralNetwork  # noqa: E402
 from toyaccel.workloads.gpt import VOCAB_MULTIPLE  # noqa: E402
 
@@ -174,8 +174,7 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
     """One Accelerator (built as toyaccel.fit builds it, TF32 on where the GPU has it) for a device's
     toyaccel loops of one precision: setting one up costs ~0.5 s, and a launched worker cannot set its
     process group up a second time."""
-    from toyaccel.device import apply_tf32
-    from toyaccel.training import build_accelerator, release
+    from toyaccel.engine import apply_tf32, build_accelerator, release
 
     with forced_cpu(device):
         config = TrainConfig(output_dir=output_dir, mixed_precision=mixed_precision, compile=compile)
@@ -188,41 +187,47 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
 
 
 class PreparedLoop:
-    """toyaccel's training loop for any workload, set up by toyaccel.training.set_up_training as train() sets
-    it up (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
+    """toyaccel's training loop for any workload, set up by toyaccel.engine.Trainer as fit sets it up
+    (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
     prepared. ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
 
     tokens_per_sample = 1
 
     def __init__(self, data, config, accelerator, output_dir):
-        from toyaccel.metrics import MetricsLogger
-        from toyaccel.training import set_up_training
+        from toyaccel.engine import Trainer, TrainingJob
+        from toyaccel.workloads import get_workload
 
         self.config = config
         self.accelerator = accelerator
-        run = set_up_training(accelerator, config, data)
-        self.model, self.optimizer, self.loader = run.model, run.optimizer, run.train_loader
-        self.sampler, self.state, self.score = run.sampler, run.state, run.score
+        self.trainer = Trainer(accelerator, TrainingJob(config, get_workload(config.model), data, {}))
+        self.trainer.prepare()
+        self.state, self.score = self.trainer.state, self.trainer.score
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
-        self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)  # as train() sets it
+            self.logger = self.trainer.open_log()
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @model.setter
+    def model(self, model):
+        self.trainer.use_model(model)
+
+    @property
+    def loader(self):
+        return self.trainer.loader
 
     def epoch(self) -> int:
-        from toyaccel.training import train_one_epoch
-
         first_step = self.state.global_step
         # The log lines are part of the loop's cost, but not of this script's output.
         with contextlib.redirect_stdout(io.StringIO()):
-            train_one_epoch(
-                self.accelerator, self.model, self.optimizer, self.loader, self.sampler, self.state, self.config,
-                self.logger, self.log_every,
-            )  # fmt: skip
+            self.trainer.train_epoch()
         self.state.finish_epoch()
         return (self.state.global_step - first_step) * self.state.global_batch * self.tokens_per_sample
 
     def close(self) -> None:
-        del self.model, self.optimizer, self.loader
+        del self.trainer
         self.accelerator.free_memory()  # drop its references to what it prepared for this loop
 
 
@@ -253,17 +258,15 @@ class EpochLoop(ToyaccelLoop):
         super().__init__(features, labels, hidden, batch_size, accelerator, output_dir, val=val)
 
     def epoch(self) -> int:
-        from toyaccel.checkpoint import save_checkpoint
-
         samples = super().epoch()
         self.score(self.model)  # fit's epoch-end evaluation: the validation set and the training-set sample
-        save_checkpoint(self.accelerator, self.config.output_dir, self.state, self.config.keep_last)
+        self.trainer.checkpointer.save(self.state)
         return samples
 
     def settle(self) -> None:
         """Untimed, after each epoch: fit publishes a checkpoint (fsyncs, rename) in a thread while the next
         epoch trains, so the epoch does not wait for it; nor should the next loop's timing pay for it."""
-        from toyaccel.checkpoint import wait_for_checkpoint
+        from toyaccel.engine import wait_for_checkpoint
 
         wait_for_checkpoint()
 

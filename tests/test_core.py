@@ -28,10 +28,9 @@ from toyaccel.data import (
     TOY_X_TRAIN,
     TOY_Y_TEST,
     TOY_Y_TRAIN,
-    EpochBatchSampler,
-    draw_epoch_seed,
     load_data,
 )
+from toyaccel.engine.batches import EpochBatchSampler, draw_epoch_seed
 
 X_TRAIN, Y_TRAIN = torch.tensor(TOY_X_TRAIN), torch.tensor(TOY_Y_TRAIN)
 X_TEST, Y_TEST = torch.tensor(TOY_X_TEST), torch.tensor(TOY_Y_TEST)

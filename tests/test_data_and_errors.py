@@ -13,7 +13,8 @@ from conftest import REPO, accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import Columns, ToyDataset, eval_batches, load_data, read_fast, read_slow, read_table
+from toyaccel.data import Columns, ToyDataset, load_data, read_fast, read_slow, read_table
+from toyaccel.engine.batches import eval_batches
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

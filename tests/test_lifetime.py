@@ -25,8 +25,9 @@ from conftest import (
     weights,
 )
 
-from toyaccel.checkpoint import checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import checkpoint_dirs
+from toyaccel.engine.resume import verify_checkpoint
 
 RUN = ("--data", "synthetic", "--num-samples", "64", "--epochs", "1", "--no-plot", "--no-progress")
 ELASTIC_FLAGS = ("--max_restarts", "0", "--monitor_interval", "1", "--rdzv_backend", "c10d")

@@ -39,8 +39,9 @@ from conftest import (
     weights,
 )
 
-from toyaccel.checkpoint import STATE_FILE, checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import STATE_FILE, checkpoint_dirs
+from toyaccel.engine.resume import verify_checkpoint
 
 RUN = ("--data", "synthetic", "--num-samples", "24", "--epochs", "2", "--checkpoint-every", "3", "--log-every", "2")
 RUN += ("--no-plot", "--no-progress")
@@ -379,7 +380,7 @@ def edit_state(path: Path, edit, keep_checksum: bool = False) -> None:
     ``keep_checksum``, give it the checksum of its new contents, as a knowing forger would."""
     import json
 
-    from toyaccel.checkpoint import STATE_DIGEST, _state_digest
+    from toyaccel.engine.checkpoint import STATE_DIGEST, _state_digest
 
     raw = json.loads(path.read_text())
     edit(raw)
@@ -506,7 +507,7 @@ def test_resume_auto_refuses_to_start_over_on_checkpoints_that_fail(reference, t
 def test_a_checkpoint_of_the_previous_format_still_resumes(reference, tmp_path, capsys):
     """Checkpoints written before the state carried its own checksum resume, saying so; their fields
     are still checked (an edited one is skipped)."""
-    from toyaccel.checkpoint import STATE_DIGEST
+    from toyaccel.engine.checkpoint import STATE_DIGEST
 
     run = run_with_checkpoints(reference, tmp_path / "run", (3, 6))
     for step in (3, 6):
@@ -596,8 +597,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(
     assert kept and [int(name[5:]) for name in kept] == list(range(len(kept), 0, -1))
     failed = out / "checkpoints" / f"step_{len(kept) + 1}"
     assert err.startswith(f"error: the disk is full: cannot write checkpoint {failed} (") and err.count("\n") == 1
-    advice = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
-    assert err.endswith(f"; {advice}\n")
+    conventions = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
+    assert err.endswith(f"; {conventions}\n")
     for path in checkpoint_dirs(out):
         verify_checkpoint(path)
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # its space is freed

@@ -19,10 +19,11 @@ from conftest import REPO, accelerate_launch, assert_weights_equal, read_json, s
 from packaging.requirements import Requirement
 
 from toyaccel import fit
-from toyaccel.checkpoint import TrainerState, checkpoint_dirs, verify_checkpoint, write_manifest
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import TrainerState, checkpoint_dirs, write_manifest
+from toyaccel.engine.resume import verify_checkpoint
+from toyaccel.engine.run_dir import existing_run_files
 from toyaccel.errors import ToyaccelError
-from toyaccel.outputs import existing_run_files
 
 
 def test_a_process_whose_random_stream_drifted_stops_every_process(tmp_path):

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from toyaccel.config import SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file, section_of
+from toyaccel.engine.launch import launched_rank, launched_world_size
 from toyaccel.errors import Interrupted, ToyaccelError
-from toyaccel.launch import launched_rank, launched_world_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +110,7 @@ def run_cli(main: Callable[[], Any]) -> int:
         sys.stderr.flush()
         return e.exit_code
     except Interrupted as e:
-        from toyaccel.interrupts import ignore_stop_signals
+        from toyaccel.engine.interrupts import ignore_stop_signals
 
         ignore_stop_signals()
         return e.exit_code  # the training loop saved a checkpoint, and its main process said where
@@ -156,7 +156,7 @@ def tell_the_launcher(line: str) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     def main() -> None:
         config = parse_train_args(argv)
-        from toyaccel.training import fit  # imported late: `--help` and option errors need no torch start-up
+        from toyaccel.runner import fit  # imported late: `--help` and option errors need no torch start-up
 
         fit(config)
 

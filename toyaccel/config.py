@@ -10,12 +10,13 @@ import dataclasses
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.workloads import get_workload, workload_names
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EVAL_TRAIN = ("sample", "full")
@@ -43,6 +44,8 @@ WORKLOAD_DEFAULTS = {
             "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
             "drop_rate": 0.1, "qkv_bias": False},
 }  # fmt: skip
+# What a workload registered from outside toyaccel (register_workload) starts from, before its option_defaults.
+OWN_WORKLOAD_DEFAULTS = {"val_fraction": 0.0, "optimizer": "sgd"}
 GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
                "drop_rate", "qkv_bias")  # fmt: skip
 # The GPT scores every training window (its evaluation is cheap next to its training step): --eval-train is
@@ -187,10 +190,12 @@ class TrainConfig:
         remembered, so that replace(model=...) gives them the new model's defaults, not the old ones."""
         if not hasattr(self, "_defaulted"):
             self._defaulted: set[str] = set()
-        if self.model not in WORKLOAD_DEFAULTS:
+        if self.model not in workload_names():
             return  # validate() names the bad model
         gpt = self.model == "gpt"
-        fills = dict(WORKLOAD_DEFAULTS[self.model])
+        # A workload registered from outside toyaccel brings its own defaults.
+        own = WORKLOAD_DEFAULTS.get(self.model) or {**OWN_WORKLOAD_DEFAULTS, **get_workload(self.model).option_defaults}
+        fills = dict(own)
         if self.val_data:
             fills["val_fraction"] = 0.0
         optimizer = self.optimizer or fills["optimizer"]
@@ -225,7 +230,8 @@ class TrainConfig:
                 not isinstance(value, expected[kind]) or (kind in ("int", "float") and isinstance(value, bool))
             ):
                 raise ToyaccelError(f"{f.name} must be {kind}, got {value!r}")
-            choices = f.metadata.get("choices")
+            # --model's choices on the command line are toyaccel's own; in Python, any registered workload.
+            choices = workload_names() if f.name == "model" else f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ToyaccelError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if self.hidden is not None:  # None: a GPT run, refused below if given one
@@ -244,7 +250,7 @@ class TrainConfig:
             raise ToyaccelError(f"num_classes must be at least 2, got {self.num_classes}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ToyaccelError(f"weight_decay must be 0 or positive, got {self.weight_decay}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is None or not (math.isfinite(self.lr) and self.lr > 0):
             raise ToyaccelError(f"lr must be a positive number, got {self.lr}")
         if self.lr > MAX_LR:
             raise ToyaccelError(f"lr must be at most {MAX_LR:.4g} (float32's largest number), got {self.lr:g}")
@@ -329,6 +335,8 @@ def training_memory(config: TrainConfig) -> int:
     """Bytes a run needs at the least: float32 parameters, their gradients and AdamW's two moments, and the
     synthetic data (the GPT's text is made through Python lists, ~56 bytes a character). Activations and
     a file's data are left out: a lower bound, so that a refusal is never wrong."""
+    if config.model not in WORKLOAD_DEFAULTS:
+        return 0  # a workload registered from outside toyaccel: nothing here knows its size
     copies = 4 if config.optimizer == "adamw" else 2
     synthetic = config.data == "synthetic"
     if config.model == "gpt":
@@ -360,21 +368,6 @@ def check_fits(needed: int, what: str) -> None:
     total = machine_memory()
     if total and needed > total:
         raise ToyaccelError(f"{what} need at least {in_bytes(needed)}, this machine has {in_bytes(total)} of memory")
-
-
-def require_regular_file(path: str | Path) -> None:
-    """Only regular files are read: a fifo may never end (or never start), a device such as /dev/zero
-    never ends. A missing path is left to the caller, which words it for its option."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if stat.S_ISREG(mode):
-        return
-    kind = next((words for test, words in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a fifo"),
-                 (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")) if test(mode)),
-                "not a file")  # fmt: skip
-    raise ToyaccelError(f"{path}: {kind}, not a regular file (only regular files are read)")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:

@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
 from toyaccel.hf_gpt2 import save_hf_gpt2
-from toyaccel.outputs import write_atomic
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[str]:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from toyaccel.engine.faults import maybe_inject_fault
 from toyaccel.errors import ToyaccelError
-from toyaccel.faults import maybe_inject_fault
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a prepare under way: the settings and the whole shards so far

@@ -344,7 +344,7 @@ class TextWindows:
         return inputs[0], targets[0]
 
     def __getitems__(self, indices):
-        # The sampler's indices are already where the tokens are (on a GPU: toyaccel.device); lists move.
+        # The sampler's indices are already where the tokens are (on a GPU: toyaccel.engine.placement); lists move.
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.starts.device)
         rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets]
         return rows[:, :-1], rows[:, 1:]

@@ -1,4 +1,4 @@
-"""Files of a run: atomic writes, the output-directory guard, and loading a saved model."""
+"""The files of a run's folder: atomic writes, the output-directory guard, the launch that owns it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
-from toyaccel.workloads import get_workload, workload_of_run
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
 RUN_FILES = (
@@ -68,13 +69,14 @@ def existing_run_files(output_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder, and find an unwritable folder before training starts."""
+def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool, read_run: Callable | None = None) -> None:
+    """Refuse to mix two runs in one folder, and find an unwritable folder before training starts.
+    ``read_run``: reads a folder's config.json as a run's, raising ToyaccelError where it is not one."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ToyaccelError(f"output directory {out} exists and is not a directory")
     found = existing_run_files(out) if out.exists() else []
-    foreign = not_a_run_because(out) if found and not resuming else None
+    foreign = not_a_run_because(out, read_run or read_config_json) if found and not resuming else None
     if foreign:
         raise ToyaccelError(
             f"{out} holds {', '.join(found)} but is not a toyaccel run ({foreign}): toyaccel neither writes over "
@@ -110,14 +112,14 @@ def refuse_linked_run_entries(out: Path) -> None:
             )
 
 
-def not_a_run_because(folder: Path) -> str | None:
+def not_a_run_because(folder: Path, read_run: Callable) -> str | None:
     """Why ``folder`` is not a toyaccel run, or None where it is one: a toyaccel run is recognised by its
     config.json, which toyaccel writes first (once training has taken its first step) and which must read as
     a run's. Files of the same names written by anything else are not toyaccel's to replace or delete."""
     if not (Path(folder) / "config.json").is_file():
         return "no config.json"
     try:
-        read_run_config(folder)
+        read_run(folder)
     except ToyaccelError:
         return "its config.json is not a toyaccel run's"
     return None
@@ -160,11 +162,9 @@ def restart_of_owning_launch(output_dir: str) -> bool:
         return False
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """A saved run's config.json, checked as options are: it is input like any other (and may have been
-    edited). Every problem is one line naming the file and the key."""
-    from toyaccel.config import TrainConfig, build_config, require_regular_file
-
+def read_config_json(run_dir: str | Path) -> dict[str, Any]:
+    """A run's config.json as JSON: a regular file holding an object whose config and model sections are
+    mappings (what the sections hold is its reader's to check). Any problem is one line naming the file."""
     path = Path(run_dir) / "config.json"
     require_regular_file(path)
     try:
@@ -180,34 +180,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
             raise ToyaccelError(f"{path}: {section} must be a mapping, got {type(saved[section]).__name__}")
     if "model" not in saved:
         raise ToyaccelError(f"{path}: not a toyaccel run config (no model section)")
-    try:
-        options = saved.get("config", {})
-        build_config(None, **{k: v for k, v in options.items() if k in TrainConfig.TRAINING_FIELDS})
-    except ToyaccelError as e:
-        raise ToyaccelError(f"{path}: config: {e}") from None
-    try:
-        get_workload(workload_of_run(saved)).check_run_description(saved)
-    except ToyaccelError as e:
-        raise ToyaccelError(f"{path}: {e}") from None
     return saved
-
-
-def load_model(run_dir: str | Path) -> torch.nn.Module:
-    """Rebuild a trained model (the MLP or the GPT) from ``model.safetensors`` and ``config.json``
-    (no pickle involved)."""
-    saved = read_run_config(run_dir)
-    try:
-        model = get_workload(workload_of_run(saved)).model_from_shape(saved["model"])
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
-        raise ToyaccelError(f"{Path(run_dir) / 'config.json'}: bad model section ({type(e).__name__}: {e})") from None
-    path = Path(run_dir) / "model.safetensors"
-    try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except FileNotFoundError:
-        raise ToyaccelError(f"{path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - truncated file, wrong keys or shapes: one line naming the file
-        raise ToyaccelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
-    return model.eval()
 
 
 def default_output_dir(data: str, resuming: bool) -> str:

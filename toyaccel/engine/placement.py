@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from toyaccel.data import dataset_device, dataset_tensors
 from toyaccel.errors import ToyaccelError
 
 # Data goes onto the GPU when all of it takes at most this share of the GPU's free memory: the rest
@@ -20,6 +19,16 @@ from toyaccel.errors import ToyaccelError
 DEVICE_DATA_FRACTION = 0.25
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs MFU is reported against; others get none.
 DENSE_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
+    """A dataset's tensor attributes (features and labels; token ids and window starts): what moves
+    when the dataset is kept on a GPU."""
+    return {name: value for name, value in vars(dataset).items() if isinstance(value, torch.Tensor)}
+
+
+def dataset_device(dataset) -> torch.device:
+    return next((t.device for t in dataset_tensors(dataset).values()), torch.device("cpu"))
 
 
 @dataclass
@@ -69,15 +78,6 @@ def choose_placement(datasets: list, device: torch.device, num_workers: int, pol
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
     free, _total = torch.cuda.mem_get_info(device)
     return nbytes <= DEVICE_DATA_FRACTION * free
-
-
-def dataloader_configuration():
-    """Batches copied to the GPU with non_blocking=True: from pinned memory the copy overlaps the
-    previous step instead of making the CPU wait for it. On CPU, and for data already on the GPU,
-    there is no copy and this changes nothing."""
-    from accelerate.utils import DataLoaderConfiguration  # slow to import: only when building one
-
-    return DataLoaderConfiguration(non_blocking=True)
 
 
 def tf32_supported(device: torch.device) -> bool:

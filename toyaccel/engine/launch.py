@@ -14,16 +14,8 @@ import logging
 import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
 
 from toyaccel.errors import ToyaccelError
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from toyaccel.config import TrainConfig
 
 # The variables a launcher sets to the number of processes it started, in the order Accelerate
 # reads them (accelerate.state): MPI's own (Open MPI, Intel MPI/MPICH, MVAPICH), then torchrun's.
@@ -52,69 +44,6 @@ def _first_int(names: tuple[str, ...], default: int) -> int:
         if os.environ.get(name):
             return int(os.environ[name])
     return default
-
-
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    check_launch()
-    # accelerate is imported here, not at the top: it is slow to import, and the command line needs
-    # launched_rank() on its error path. Looked up at call time, so tests/allreduce_probe.py can
-    # substitute its own Accelerator.
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from toyaccel.device import dataloader_configuration
-
-    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
-    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
-    multi_process = launched_world_size() > 1
-    try:
-        accelerator = Accelerator(
-            cpu=multi_process and not torch.cuda.is_available(),
-            dataloader_config=dataloader_configuration(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.grad_accum,
-            dynamo_backend="inductor" if config.compile else None,
-            log_with=config.log_with,
-            project_config=ProjectConfiguration(
-                project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
-            ),
-        )
-    except (ValueError, ImportError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        if "EADDRINUSE" in reason or "address already in use" in reason.lower():
-            port = os.environ.get("MASTER_PORT", "")
-            raise ToyaccelError(
-                f"cannot set up Accelerate: port {port} is already in use (another run on this machine?); "
-                "pass --main_process_port with a free port to accelerate launch"
-            ) from None
-        raise ToyaccelError(f"cannot set up Accelerate: {reason}") from None
-    return accelerator
-
-
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse setups that would run, but not as asked."""
-    from accelerate.utils import DistributedType
-
-    launched = launched_world_size()
-    if accelerator.num_processes != launched:
-        raise ToyaccelError(
-            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs",
-            every_process=True,
-        )
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
-        raise ToyaccelError(
-            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU",
-            every_process=True,
-        )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no",
-            every_process=True,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +163,8 @@ def parse_launch(launch_argv: list[str]):
 
 def working_command(args) -> str:
     """The launch that gives ``args.num_processes`` real processes, for the same script and options."""
+    import torch  # slow to import: the command line reads this module before any option is checked
+
     if torch.cuda.is_available():
         config, prefix = "accelerate_configs/multi_gpu.yaml", ""
     else:
