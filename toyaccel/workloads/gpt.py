@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import TrainConfig
+from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.metrics import say
@@ -255,16 +255,18 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
+    # config.json keeps only the options that applied: a run on a text file saved no num_samples.
+    num_samples = options.get("num_samples", WORKLOAD_DEFAULTS["gpt"]["num_samples"])
     if data is None:
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
-            full = source_text(options["data"], options["num_samples"], options["seed"])
+            full = source_text(options["data"], num_samples, options["seed"])
             text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
         else:
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
     else:
-        text, what = source_text(data, options["num_samples"], options["seed"]), data
+        text, what = source_text(data, num_samples, options["seed"]), data
     context = saved["model"]["context_length"]
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     dataset = TextWindows(ids, context, options.get("stride") or context)
