@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import functools
 import io
 import json
 import os
@@ -47,11 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a clone without installing
 
+from toyaccel import reference as book  # noqa: E402
 from toyaccel.config import TrainConfig, parse_hidden  # noqa: E402
 from toyaccel.data import DataBundle, ToyDataset, synthetic_blobs  # noqa: E402
 from toyaccel.launch import MPI_AS_ROOT_ENV  # noqa: E402
@@ -86,19 +87,6 @@ FIRST_STEP_LINE = re.compile(r"\bstep 1\b")
 # The three loops. Each `epoch()` trains one pass and returns the number of samples it trained on.
 
 
-class BookDataset(Dataset):
-    """The book's ToyDataset: one sample per __getitem__ (no __getitems__, so the DataLoader collates)."""
-
-    def __init__(self, features, labels):
-        self.features, self.labels = features, labels
-
-    def __getitem__(self, index):
-        return self.features[index], self.labels[index]
-
-    def __len__(self):
-        return self.labels.shape[0]
-
-
 def seeded_model(hidden, device):
     torch.manual_seed(SEED)
     model = NeuralNetwork(NUM_FEATURES, NUM_CLASSES, hidden).to(device)
@@ -111,25 +99,18 @@ def autocast(device, precision: str):
 
 
 class BookLoop:
+    """Appendix A's loop as printed (toyaccel.reference): its ToyDataset, DataLoader(shuffle=True)."""
+
     def __init__(self, features, labels, hidden, batch_size, device, precision="no"):
         self.device = torch.device(device)
         self.precision = precision
         self.model, self.optimizer = seeded_model(hidden, self.device)
-        self.loader = DataLoader(BookDataset(features, labels), batch_size=batch_size, shuffle=True, drop_last=True)
+        dataset = book.ToyDataset(features, labels)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
     def epoch(self) -> int:
-        model, optimizer, samples = self.model, self.optimizer, 0
-        model.train()
-        for features, labels in self.loader:
-            features, labels = features.to(self.device), labels.to(self.device)
-            with autocast(self.device, self.precision):
-                logits = model(features)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            samples += labels.shape[0]
-        return samples
+        precision = functools.partial(autocast, self.device, self.precision)
+        return book.train_epoch(self.model, self.loader, self.optimizer, self.device, precision)
 
 
 class CeilingLoop:
@@ -468,7 +449,7 @@ def gpu_step_profile(loop, batch_size: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The GPT: toyaccel's (fused kernels, toyaccel's loop) against the book's chapter 4-5 code as printed
-# (tests/book_gpt.py: stored-mask attention, its LayerNorm and GELU, GPTDatasetV1 and a DataLoader,
+# (toyaccel/reference.py: stored-mask attention, its LayerNorm and GELU, GPTDatasetV1 and a DataLoader,
 # train_model_simple's steps), same config, same seed, same data order: same losses at dropout 0.
 
 GPT_SMALL = {"vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
@@ -476,13 +457,6 @@ GPT_SMALL = {"vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_heads
 GPT_QUICK = {**GPT_SMALL, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1}
 GPT_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
             "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
-
-
-def book_gpt():
-    spec = importlib.util.spec_from_file_location("book_gpt", REPO / "tests" / "book_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpt_tokens(num_tokens: int) -> torch.Tensor:
@@ -494,7 +468,7 @@ def gpt_tokens(num_tokens: int) -> torch.Tensor:
 
 class BookGPTLoop:
     def __init__(self, ids, cfg, batch_size, device):
-        self.book = book_gpt()
+        self.book = book
         context = cfg["context_length"]
         dataset = self.book.GPTDatasetV1(ids.tolist(), context, context)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)

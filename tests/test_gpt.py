@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from book_gpt import GPTModel as BookGPTModel
-from book_gpt import generate_text_simple
 from conftest import (
     REPO,
     accelerate_launch,
@@ -37,6 +35,8 @@ from toyaccel.checkpoint import checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import evaluate_main, generate_main, train_main
 from toyaccel.gpt_model import GPTModel
 from toyaccel.inference import evaluate_run
+from toyaccel.reference import GPTModel as BookGPTModel
+from toyaccel.reference import generate_text_simple
 from toyaccel.text import synthetic_entropy, synthetic_text
 from toyaccel.training import own_random_stream
 
