@@ -83,6 +83,7 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     return {name: (results[name], outs[name]) for name in commands}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ONE_FOR_MANY_LAUNCHES)
 def test_a_launch_that_starts_one_process_of_several_stops_with_the_command_that_works(launch, refused):
     proc, out = refused[launch]
@@ -98,6 +99,7 @@ def test_a_launch_that_starts_one_process_of_several_stops_with_the_command_that
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     proc, out = refused["port 0"]
     assert proc.returncode != 0
@@ -105,6 +107,7 @@ def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_no_false_alarm_in_a_shell_that_exports_master_addr_and_port(tmp_path):
     """Slurm scripts export MASTER_ADDR/MASTER_PORT: a run by hand, or a one-process launch, is fine."""
     slurm = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "true"}
@@ -122,6 +125,7 @@ def accelerate_tests(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]
     return run_concurrently(commands, tmp_path_factory.mktemp("accelerate_test"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CPU_CONFIGS)
 def test_accelerate_test_passes_for_every_cpu_config(config, accelerate_tests):
     """Accelerate's own check, run as the README prints it. Passing is not enough: in accelerate 1.15

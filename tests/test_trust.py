@@ -18,6 +18,7 @@ from toyaccel.checkpoint import TrainerState, checkpoint_dirs, verify_checkpoint
 from toyaccel.errors import ToyaccelError
 
 
+@pytest.mark.slow
 def test_a_process_whose_random_stream_drifted_stops_every_process(tmp_path):
     """Rank 1 draws one extra random number before its first epoch (TOYACCEL_FAULT=rng-drift): its data
     order would differ from rank 0's. Every process stops before training, with one line naming the rank
