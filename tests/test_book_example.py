@@ -1,4 +1,4 @@
-"""Issue 2: the book's example, done right, on one process and on real multi-process DDP."""
+"""The book's example, done right, on one process and on real multi-process DDP."""
 
 from __future__ import annotations
 

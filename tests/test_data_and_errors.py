@@ -1,4 +1,4 @@
-"""Issue 4: data sources, and bad input: one line naming what and where, exit code 2, no traceback, and the
+"""Data sources, and bad input: one line naming what and where, exit code 2, no traceback, and the
 output directory exactly as it was."""
 
 from __future__ import annotations

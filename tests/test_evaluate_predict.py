@@ -1,4 +1,4 @@
-"""Issue 4: a run on your own CSV, its metrics, log lines and plot, then evaluate and predict from the saved
+"""A run on your own CSV, its metrics, log lines and plot, then evaluate and predict from the saved
 files alone."""
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def test_predict_refuses_bad_input_without_writing(csv_run, toy_run, tmp_path, c
     assert not target.exists()
 
 
-# --- class names, id columns, evaluation cadence (issue 11) ------------------------------------------
+# --- class names, id columns, evaluation cadence ----------------------------------------------------
 
 SPECIES = ["setosa", "versicolor", "virginica"]
 

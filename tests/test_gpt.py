@@ -1,4 +1,4 @@
-"""The book's GPT as a second workload (issue 13): same script, same guarantees as the MLP.
+"""The book's GPT as a second workload: same script, same guarantees as the MLP.
 
 Every run is tiny (1 block, width 16-32, contexts of 16-32 characters of the synthetic text) so the
 module stays fast. The subprocess runs start together in threads (their start-ups overlap); the

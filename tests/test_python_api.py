@@ -1,4 +1,4 @@
-"""Issue 7: the Python API, and multi-process training launched from a notebook cell."""
+"""The Python API, and multi-process training launched from a notebook cell."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume and surviving crashes (issue #3).
+"""Checkpoints, exact resume and surviving crashes.
 
 Every crash here is real: TOYACCEL_FAULT makes a training process SIGKILL itself at a chosen point.
 Runs that must die are subprocesses: one process killed mid-training, two DDP processes with rank 0

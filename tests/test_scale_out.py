@@ -1,4 +1,4 @@
-"""Scale-out setups (issue #5): gradient accumulation, mixed precision, LR schedule and clipping,
+"""Scale-out setups: gradient accumulation, mixed precision, LR schedule and clipping,
 multi-node, FSDP and torch.compile, each proven equal to the simple run where it should be.
 
 Real launches (with torch.compile the expensive part: ~20-25 s on a quiet 2-core machine): one

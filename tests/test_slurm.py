@@ -1,4 +1,4 @@
-"""scripts/slurm/train.sbatch on a real Slurm (issue 14): a controller and a node on this host.
+"""scripts/slurm/train.sbatch on a real Slurm: a controller and a node on this host.
 
 Needs Debian's `slurmd slurmctld slurm-client munge` (.ci/run installs them); skips without them.
 The fixture starts `munged` (fresh key), `slurmctld` and `slurmd` from a generated slurm.conf, with

@@ -1,4 +1,4 @@
-"""Issue 10: what a user must be able to trust. Processes that disagree stop; files keep the umask;
+"""What a user must be able to trust. Processes that disagree stop; files keep the umask;
 checkpoints may hold folders; the declared dependency ranges hold here. (Interrupts, timelines of
 checkpoints and resuming on two machines are in test_resume.py, next to the runs they compare with.)"""
 
