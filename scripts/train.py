@@ -7,7 +7,7 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/train.py # DDP, 2 GPUs
     accelerate launch scripts/train.py        # whatever `accelerate config` saved as your default
 
-Every option: python scripts/train.py --help. The work is done by toyaccel.fit (toyaccel/training.py).
+Every option: python scripts/train.py --help. The work is done by toyaccel.fit (toyaccel/runner.py, toyaccel/engine/).
 """
 
 import sys

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toyaccel import training  # noqa: E402
+import toyaccel  # noqa: E402
 from toyaccel.cli import parse_train_args, run_cli  # noqa: E402
 
 micro_steps = 0  # training forward passes so far on this rank
@@ -47,7 +47,7 @@ class WatchedAccelerator(accelerate.Accelerator):
 def main() -> None:
     config = parse_train_args(sys.argv[1:])
     accelerate.Accelerator = WatchedAccelerator  # build_accelerator looks the class up at call time
-    training.fit(config)
+    toyaccel.fit(config)
     record = {"micro_steps": micro_steps, "allreduce_at": allreduce_at}
     Path(config.output_dir, f"allreduce_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
 

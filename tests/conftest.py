@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toyaccel.launch import MPI_AS_ROOT_ENV
+from toyaccel.engine.launch import MPI_AS_ROOT_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"

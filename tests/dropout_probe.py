@@ -15,7 +15,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toyaccel import training  # noqa: E402
+import toyaccel  # noqa: E402
 from toyaccel.cli import parse_train_args, run_cli  # noqa: E402
 from toyaccel.gpt_model import GPTModel  # noqa: E402
 
@@ -54,7 +54,7 @@ def watching():
 def main() -> None:
     config = parse_train_args(sys.argv[1:])
     with watching() as record:
-        training.fit(config)
+        toyaccel.fit(config)
     torch.save(record, Path(config.output_dir, f"dropout_rank{record['rank']}.pt"))
 
 

@@ -28,10 +28,9 @@ from toyaccel.data import (
     TOY_X_TRAIN,
     TOY_Y_TEST,
     TOY_Y_TRAIN,
-    EpochBatchSampler,
-    draw_epoch_seed,
     load_data,
 )
+from toyaccel.engine.batches import EpochBatchSampler, draw_epoch_seed
 from toyaccel.reference import NeuralNetwork as BookNeuralNetwork  # the book's listing: saved weights load into it
 
 X_TRAIN, Y_TRAIN = torch.tensor(TOY_X_TRAIN), torch.tensor(TOY_Y_TRAIN)

@@ -13,7 +13,8 @@ from conftest import REPO, accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import Columns, ToyDataset, eval_batches, load_data, read_fast, read_slow, read_table
+from toyaccel.data import Columns, ToyDataset, load_data, read_fast, read_slow, read_table
+from toyaccel.engine.batches import eval_batches
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -66,6 +67,11 @@ BAD_CSVS = {
         "row 2, column 'label': a label must be a class number 0, 1, 2, ..., got 0.5",
     ),
     "missing label": ("x1,x2,label\n1,2,0\n1,2, \n", [], "row 3, column 'label': missing label"),
+    # NaN as pandas and numpy write a missing value: not a class named 'nan'.
+    "nan label": ("x1,x2,label\n1,2,cat\n1,2,dog\n1,3,nan\n", [], "row 4, column 'label': missing label ('nan')"),
+    "NaN label": (
+        "x1,x2,label\n1,2,0\n1,2,NaN\n", ["--num-classes", "2"], "row 3, column 'label': missing label ('NaN')"
+    ),
     "one class only": (
         "x1,x2,label\n1,2,cat\n3,4,cat\n", [], "column 'label': only one class ('cat'); a classifier needs at least two"
     ),
@@ -160,7 +166,9 @@ def test_run_settings_that_cannot_work_leave_the_previous_run_alone(tmp_path, pr
             "checkpoints); pass --overwrite to replace it, --resume latest to continue it, or choose another "
             "--output-dir",
         ),
-        (["--epochz", "3"], "unrecognized arguments: --epochz 3 (see toyaccel-train --help)"),
+        (["--epochz", "3"], "unrecognized arguments: --epochz 3; did you mean --epochs? (see toyaccel-train --help)"),
+        (["--epcohs", "3"], "unrecognized arguments: --epcohs 3; did you mean --epochs? (see toyaccel-train --help)"),
+        (["--zzz"], "unrecognized arguments: --zzz (see toyaccel-train --help)"),  # nothing close: no guess
         (["--epochs", "three"], "argument --epochs: invalid int value: 'three' (see toyaccel-train --help)"),
         (["--lr", "fast"], "argument --lr: invalid float value: 'fast' (see toyaccel-train --help)"),
         (["--epochs", "0"], "epochs must be at least 1, got 0"),

@@ -31,14 +31,15 @@ from dropout_probe import STEPS, watching
 from safetensors.torch import load_file
 
 from toyaccel import fit, load_model
-from toyaccel.checkpoint import checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import evaluate_main, generate_main, train_main
+from toyaccel.engine.checkpoint import checkpoint_dirs
+from toyaccel.engine.optim import own_random_stream
+from toyaccel.engine.resume import verify_checkpoint
 from toyaccel.gpt_model import GPTModel
 from toyaccel.inference import evaluate_run
 from toyaccel.reference import GPTModel as BookGPTModel
 from toyaccel.reference import generate_text_simple
 from toyaccel.text import synthetic_entropy, synthetic_text
-from toyaccel.training import own_random_stream
 
 TINY = ("--model", "gpt", "--context-length", "16", "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1")
 TINY += ("--no-plot", "--no-progress", "--lr", "0.003")

@@ -35,8 +35,8 @@ from conftest import (
 )
 
 from toyaccel import fit, load_model
-from toyaccel.checkpoint import checkpoint_dirs
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import checkpoint_dirs
 
 pytestmark = pytest.mark.slow  # launches, and training on a GPU
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

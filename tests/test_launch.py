@@ -7,6 +7,8 @@ several. Issue 15: every CPU config passes Accelerate's own `accelerate test`, e
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,14 @@ from conftest import (
     CONFIGS,
     REPO,
     TRAIN_SCRIPT,
+    accelerate_launch,
     accelerate_launch_cmd,
     accelerate_test_cmd,
     check_ok,
     free_port,
     read_json,
     run_concurrently,
+    run_python,
 )
 
 # What `accelerate config` writes for "multi-CPU, 2 processes, no mpirun" (accelerate 1.15).
@@ -63,7 +67,7 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     root = tmp_path_factory.mktemp("refused")
     config = root / "default_config.yaml"
     config.write_text(ACCELERATE_CONFIG_MULTI_CPU)
-    outs = {name: root / f"run{i}" for i, name in enumerate([*ONE_FOR_MANY_LAUNCHES, "port 0"])}
+    outs = {name: root / f"run{i}" for i, name in enumerate([*ONE_FOR_MANY_LAUNCHES, "port 0", "0 processes"])}
     # No config file, and no default_config.yaml saved on this machine either.
     no_config = {"HF_HOME": str(root / "hf_home")}
     commands = {
@@ -77,6 +81,10 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     port_0 = ("--main_process_port", "0")
     commands["port 0"] = (
         accelerate_launch_cmd("multi_cpu.yaml", "--output-dir", str(outs["port 0"]), launch_args=port_0),
+        {},
+    )
+    commands["0 processes"] = (
+        accelerate_launch_cmd("multi_cpu.yaml", "--output-dir", str(outs["0 processes"]), num_processes=0),
         {},
     )
     results = run_concurrently(commands, root)
@@ -104,6 +112,20 @@ def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     proc, out = refused["port 0"]
     assert proc.returncode != 0
     assert "error: an MPI launch with main_process_port 0 cannot form a world" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_launch_asked_for_no_processes_is_refused(refused):
+    """multi_cpu.yaml with --num_processes 0: accelerate 1.15 leaves -n out of mpirun's command, which then
+    starts one process; that trained alone and exited 0."""
+    proc, out = refused["0 processes"]
+    assert proc.returncode != 0
+    message = (
+        "error: accelerate launch was asked for --num_processes 0; a run needs at least one process: "
+        "pass --num_processes 1 or more\n"
+    )
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
     assert not out.exists()
 
 
@@ -143,3 +165,59 @@ def test_configs_name_files_that_exist():
     text = (CONFIGS / "multi_cpu.yaml").read_text()
     assert "mpirun_hostfile: accelerate_configs/localhost.hostfile" in text
     assert (REPO / "accelerate_configs" / "localhost.hostfile").is_file()
+
+
+@pytest.mark.parametrize("config", ["cpu.yaml", "cpu_bf16.yaml", "multi_cpu.yaml"])
+def test_cpu_configs_start_one_thread_per_process_without_a_warning(config, monkeypatch, caplog):
+    """accelerate 1.15 otherwise sets OMP_NUM_THREADS to cores / processes and warns on every launch; on a
+    shared 2-core machine 2 threads trained the MLP about 5x slower than 1. The command line still wins."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(REPO)  # multi_cpu.yaml's hostfile is relative to the repository root
+    for extra, threads in (([], "1"), (["--num_cpu_threads_per_process", "3"], "3")):
+        caplog.clear()
+        argv = ["--config_file", str(CONFIGS / config), *extra, str(TRAIN_SCRIPT)]
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+        _, env = prepare_simple_launcher_cmd_env(args)
+        assert env["OMP_NUM_THREADS"] == threads
+        assert "num_cpu_threads_per_process" not in caplog.text
+
+
+@pytest.mark.slow
+def test_the_process_left_when_another_dies_says_one_line(tmp_path):
+    """elastic_cpu.yaml without restarts, rank 1 killed after step 2: rank 0's next collective fails. It used
+    to print a ~45-line gloo traceback under torchrun's report; now one line saying why it stops."""
+    out = tmp_path / "run"
+    proc = accelerate_launch(
+        "elastic_cpu.yaml", "--batch-size", "1", "--epochs", "30", "--output-dir", str(out),
+        launch_args=("--max_restarts", "0", "--monitor_interval", "1", "--rdzv_backend", "c10d"),
+        env={"TOYACCEL_FAULT": "step:2", "TOYACCEL_FAULT_RANK": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+             "PET_RDZV_ENDPOINT": "localhost:0"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert not re.search(rf'File "{re.escape(str(REPO))}/(toyaccel|scripts)/', proc.stderr), proc.stderr[-5000:]
+    said = "error: another process of the run stopped ("
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(said)]
+    assert len(lines) <= 1, proc.stderr[-5000:]  # rank 0 may also be stopped by torchrun before its collective fails
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_named_with_the_option_that_changes_it(tmp_path):
+    """The main process of a launch whose port another run holds (torchrun's and mpirun's workers alike
+    set MASTER_PORT): one line naming --main_process_port, not torch's EADDRINUSE message."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        world = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        world["MASTER_PORT"] = str(port)
+        out = tmp_path / "run"
+        proc = run_python(str(TRAIN_SCRIPT), "--no-progress", "--output-dir", str(out), env=world, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: cannot set up Accelerate: port {port} is already in use (another run on this machine?); "
+        "pass --main_process_port with a free port to accelerate launch\n"
+    )
+    assert not out.exists()

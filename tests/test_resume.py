@@ -39,8 +39,9 @@ from conftest import (
     weights,
 )
 
-from toyaccel.checkpoint import STATE_FILE, checkpoint_dirs, verify_checkpoint
 from toyaccel.cli import train_main
+from toyaccel.engine.checkpoint import STATE_FILE, checkpoint_dirs
+from toyaccel.engine.resume import verify_checkpoint
 
 RUN = ("--data", "synthetic", "--num-samples", "24", "--epochs", "2", "--checkpoint-every", "3", "--log-every", "2")
 RUN += ("--no-plot", "--no-progress")
@@ -375,6 +376,236 @@ def test_resume_latest_skips_a_damaged_checkpoint(reference, tmp_path, capsys):
     assert_weights_equal(weights(run), weights(reference))
     assert logged(run) == logged(reference)
     verify_checkpoint(run / "checkpoints" / "step_9")  # rewritten whole by the resumed run
+
+
+def edit_state(path: Path, edit, keep_checksum: bool = False) -> None:
+    """Edit a checkpoint's trainer_state.json as a hand (or a corrupted disk) would; with
+    ``keep_checksum``, give it the checksum of its new contents, as a knowing forger would."""
+    import json
+
+    from toyaccel.engine.checkpoint import STATE_DIGEST, _state_digest
+
+    raw = json.loads(path.read_text())
+    edit(raw)
+    if keep_checksum:
+        raw[STATE_DIGEST] = _state_digest(raw)
+    path.write_text(json.dumps(raw))
+
+
+def set_field(name, value):
+    return lambda raw: raw.__setitem__(name, value)
+
+
+def set_training(name, value):
+    return lambda raw: raw["training"].__setitem__(name, value)
+
+
+def set_files(files):
+    return lambda raw: raw.__setitem__("files", files(raw["files"]))
+
+
+def outside(files):
+    return {**files, "/etc/hostname": files["rng_state.safetensors"]}
+
+
+def climbing(files):
+    return {**files, "../../../../etc/hostname": files["rng_state.safetensors"]}
+
+
+# Each edit, made by hand (the checksum no longer matches) and forged (checksum recomputed): the
+# checksum catches the first, the state's own checks the second.
+TAMPERING = {
+    "negative global step": (set_field("global_step", -7), "global_step: -7 is not a whole number >= 0"),
+    "global step of another folder": (set_field("global_step", 9), "global_step 9 in folder step_6"),
+    "epoch seed out of range": (set_field("epoch_seed", 2**64), "epoch_seed: 18446744073709551616 is not a seed"),
+    "step in epoch past the epoch": (set_field("step_in_epoch", 13), "step_in_epoch 13 is past global_step 6"),
+    "world size zero": (set_field("world_size", 0), "world_size: 0 is not a whole number >= 1"),
+    "wrong type": (set_field("global_step", "6"), "global_step: '6' is not a whole number >= 0"),
+    "training not a dict": (set_field("training", [1]), "training is a list, not a dict"),
+    "empty manifest": (set_files(lambda f: {}), "its manifest does not list the model's weights, the optimizer's"),
+    "manifest without the RNG": (
+        set_files(lambda f: {k: v for k, v in f.items() if k != "random_states_0.pkl"}),
+        "its manifest does not list random_states_0.pkl",
+    ),
+    "absolute path": (set_files(outside), "its manifest names '/etc/hostname', not a file inside the checkpoint"),
+    "path out of the folder": (set_files(climbing), "names '../../../../etc/hostname', not a file inside"),
+    "manifest of the wrong type": (set_files(lambda f: list(f)), "'files' is a list, not a manifest"),
+    "entry of the wrong type": (
+        set_files(lambda f: {**f, "optimizer.bin": [1465]}), "manifest entry 'optimizer.bin' is not {bytes, sha256}"
+    ),
+}
+
+
+@pytest.mark.parametrize("forged", [False, True], ids=["edited", "forged"])
+@pytest.mark.parametrize("tampering", TAMPERING)
+def test_a_tampered_state_is_damaged_skipped_and_nothing_is_set_aside(reference, tmp_path, capsys, tampering, forged):
+    """--resume latest skips the tampered step_6 to step_3, sets nothing aside on its word, and trains
+    the uninterrupted run's weights; --resume PATH refuses it in one line, touching nothing."""
+    edit, reason = TAMPERING[tampering]
+    run = run_with_checkpoints(reference, tmp_path / "run", (3, 6))
+    state_file = run / "checkpoints" / "step_6" / STATE_FILE
+    edit_state(state_file, edit, keep_checksum=forged)
+    expected = reason if forged else "its contents do not match its checksum: edited or corrupted"
+
+    error = assert_refused(run, capsys, "--resume", str(state_file.parent))
+    assert error.startswith(f"error: {state_file}: damaged (") and expected in error
+
+    assert train_here(run, "--keep-last", "0", "--resume", "latest") == 0
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint step_6: {state_file}: damaged (" in out and expected in out
+    assert f"resumed from {run / 'checkpoints' / 'step_3'} at epoch 1/2, step 3" in out
+    assert_weights_equal(weights(run), weights(reference))
+    assert logged(run) == logged(reference)
+    aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert [p.name for a in aside for p in a.iterdir()] == ["step_6"]  # only what comes after step 3
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda p: p.write_text(nested(100_000)), "nested too deeply"),
+        (lambda p: p.write_text('{"files": ' + nested(5000) + "}"), "nested too deeply"),
+        (lambda p: p.write_text("[]"), "a JSON list, not an object"),
+        (lambda p: p.write_text("7"), "a JSON int, not an object"),
+    ],
+    ids=["deep list", "deep manifest", "a list", "a number"],
+)
+def test_a_malformed_state_file_is_damaged(reference, tmp_path, capsys, spoil, reason):
+    run = run_with_checkpoints(reference, tmp_path / "run", (6,))
+    state_file = run / "checkpoints" / "step_6" / STATE_FILE
+    spoil(state_file)
+    assert assert_refused(run, capsys, "--resume", str(state_file.parent)) == f"error: {state_file}: damaged ({reason})"
+
+
+def test_files_the_manifest_does_not_list_or_links_are_damage(reference, tmp_path, capsys):
+    run = run_with_checkpoints(reference, tmp_path / "run", (6,))
+    checkpoint = run / "checkpoints" / "step_6"
+    (checkpoint / "pytorch_model.bin").write_bytes(b"not listed")
+    error = assert_refused(run, capsys, "--resume", str(checkpoint))
+    unlisted = checkpoint / "pytorch_model.bin"
+    assert error == f"error: {unlisted}: not listed in {STATE_FILE} (a checkpoint holds only its own files)"
+    (checkpoint / "pytorch_model.bin").unlink()
+
+    # The same bytes, reached through a link: still not the checkpoint's own file.
+    (tmp_path / "elsewhere.bin").write_bytes((checkpoint / "optimizer.bin").read_bytes())
+    (checkpoint / "optimizer.bin").unlink()
+    (checkpoint / "optimizer.bin").symlink_to(tmp_path / "elsewhere.bin")
+    error = assert_refused(run, capsys, "--resume", str(checkpoint))
+    assert error.startswith(f"error: {checkpoint / 'optimizer.bin'}: damaged (a link or special file")
+
+
+def test_resume_auto_refuses_to_start_over_on_checkpoints_that_fail(reference, tmp_path, capsys):
+    """Starting afresh would set the checkpoints aside and empty metrics.jsonl on the word of a file
+    that failed verification (issue 21: global_step -7 did exactly that)."""
+    run = run_with_checkpoints(reference, tmp_path / "run", (3,))
+    edit_state(run / "checkpoints" / "step_3" / STATE_FILE, set_field("global_step", -7))
+    error = assert_refused(run, capsys, "--resume", "auto")
+    assert error.startswith(f"error: {run / 'checkpoints'}: no checkpoint there verifies (see above)")
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(reference, tmp_path, capsys):
+    """Checkpoints written before the state carried its own checksum resume, saying so; their fields
+    are still checked (an edited one is skipped)."""
+    from toyaccel.engine.checkpoint import STATE_DIGEST
+
+    run = run_with_checkpoints(reference, tmp_path / "run", (3, 6))
+    for step in (3, 6):
+        edit_state(run / "checkpoints" / f"step_{step}" / STATE_FILE, lambda raw: raw.pop(STATE_DIGEST))
+    edit_state(run / "checkpoints" / "step_6" / STATE_FILE, set_field("global_step", -7))
+    capsys.readouterr()
+
+    assert train_here(run, "--keep-last", "0", "--resume", "latest") == 0
+
+    out = capsys.readouterr().out
+    assert "skipping checkpoint step_6: " in out and "global_step: -7 is not a whole number >= 0" in out
+    assert f"checkpoint step_3 comes from an older toyaccel: {STATE_FILE} has no checksum of its own" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_3'} at epoch 1/2, step 3" in out
+    assert_weights_equal(weights(run), weights(reference))
+
+
+def test_overwrite_never_follows_a_linked_checkpoints_folder(reference, tmp_path, capsys):
+    """A `checkpoints` link (to a bigger disk, say) is refused in one line; what it points to stays."""
+    run = run_with_checkpoints(reference, tmp_path / "run", ())
+    (run / "checkpoints").rmdir()
+    target = copy_run(reference / "checkpoints", tmp_path / "elsewhere")
+    before = snapshot(target)
+    (run / "checkpoints").symlink_to(target, target_is_directory=True)
+    error = assert_refused(run, capsys, "--overwrite")
+    assert error == (
+        f"error: {run / 'checkpoints'} is a symbolic link, which --overwrite neither follows nor removes: "
+        "remove it yourself, or choose another --output-dir"
+    )
+    assert (run / "checkpoints").is_symlink() and snapshot(target) == before
+
+
+def test_a_diverging_loss_stops_the_run_at_the_log_line_that_shows_it(tmp_path, capsys):
+    """The loss is read only at log lines (no wait on the device per step): the run stops at the first
+    one whose window mean is not finite, before logging or checkpointing it; the checkpoints before it stay."""
+    out = tmp_path / "run"
+    args = ("--data", "synthetic", "--num-samples", "64", "--epochs", "2", "--batch-size", "2", "--lr", "1e5")
+    args += ("--checkpoint-every", "2", "--log-every", "4", "--no-plot", "--no-progress", "--output-dir", str(out))
+    capsys.readouterr()
+    assert train_main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: the training loss became nan in steps 3-4: training diverged; lower --lr (now 100000) "
+        f"(the newest checkpoint is {out / 'checkpoints' / 'step_2'})\n"
+    )
+    assert step_names(out) == ["step_2"] and verify_checkpoint(out / "checkpoints" / "step_2").global_step == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2]
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_weights_made_non_finite_by_an_epochs_last_steps_stop_at_its_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train_main(["--lr", "1e6", "--no-plot", "--no-progress", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "error: the training loss became inf on the train data after epoch 1 (step 2): training diverged; "
+        "lower --lr (now 1e+06) (no checkpoint was written)\n"
+    )
+    assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB file system of its own (tmpfs): room for a few of the RUN's checkpoints, not all.
+    Needs mount privileges (root, as in CI and most containers); skipped where there are none."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(small_disk, capsys):
+    """The real error (SafetensorError or torch.save's "unexpected pos", from ENOSPC): one line saying
+    the disk is full and which checkpoint could not be written, exit 2; the earlier ones verify."""
+    out = small_disk / "run"
+    capsys.readouterr()
+    code = train_main([*RUN, *ONE_PROCESS, "--output-dir", str(out), "--keep-last", "0", "--checkpoint-every", "1",
+                       "--log-every", "100"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    kept = step_names(out)
+    assert kept and [int(name[5:]) for name in kept] == list(range(len(kept), 0, -1))
+    failed = out / "checkpoints" / f"step_{len(kept) + 1}"
+    assert err.startswith(f"error: the disk is full: cannot write checkpoint {failed} (") and err.count("\n") == 1
+    advice = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
+    assert err.endswith(f"; {advice}\n")
+    for path in checkpoint_dirs(out):
+        verify_checkpoint(path)
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # its space is freed
 
 
 def test_resume_may_split_the_global_batch_differently(tmp_path):

@@ -300,7 +300,9 @@ def test_fsdp_config_on_cpu_is_refused_clearly(tmp_path):
         "error: the accelerate config asks for FSDP but this run got MULTI_CPU "
         "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
     ]
-    assert "exitcode: 2" in proc.stderr  # the workers' exit code, as torchrun reports it
+    # Said once by toyaccel; torchrun's failure report may quote it once more (as its root cause), never once
+    # per process. Not the report's own format (its exit codes, sections): under load it varies from run to run.
+    assert (proc.stdout + proc.stderr).count(errors[0]) <= 2
     assert not out.exists()
 
 

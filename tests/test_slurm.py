@@ -35,7 +35,7 @@ from conftest import (
     weights,
 )
 
-from toyaccel.checkpoint import verify_checkpoint
+from toyaccel.engine.resume import verify_checkpoint
 
 COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 

@@ -14,7 +14,8 @@ from conftest import REPO, accelerate_launch
 from packaging.requirements import Requirement
 
 from toyaccel import fit
-from toyaccel.checkpoint import TrainerState, checkpoint_dirs, verify_checkpoint, write_manifest
+from toyaccel.engine.checkpoint import TrainerState, checkpoint_dirs, write_manifest
+from toyaccel.engine.resume import verify_checkpoint
 from toyaccel.errors import ToyaccelError
 
 
@@ -56,7 +57,9 @@ def test_a_checkpoint_holding_folders_is_hashed_and_verified_file_by_file(tmp_pa
     shard.parent.mkdir(parents=True)
     shard.write_bytes(b"\x00" * 64)
     torch.save({"step": 4}, checkpoint / "optimizer.bin")
-    write_manifest(checkpoint, TrainerState(global_step=4))
+    for rng_file in ("rng_state.safetensors", "random_states_0.pkl"):  # what every checkpoint must hold too
+        (checkpoint / rng_file).write_bytes(b"\x00" * 8)
+    write_manifest(checkpoint, TrainerState(global_step=4, global_batch=2))
 
     assert verify_checkpoint(checkpoint).global_step == 4
     shard.write_bytes(b"\x00" * 63 + b"\x01")

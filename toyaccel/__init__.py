@@ -9,20 +9,27 @@ Public API::
     gpt = fit(TrainConfig(model="gpt", data="my_text.txt"))   # `toyaccel-train --model gpt --data ...`
 """
 
+import importlib
+
 from toyaccel.config import TrainConfig
+from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.gpt_model import GPTModel
-from toyaccel.model import NeuralNetwork
-from toyaccel.outputs import load_model
+from toyaccel.workloads import register_workload
 
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "fit", "RunResult", "load_model", "NeuralNetwork", "GPTModel", "ToyaccelError", "__version__"]
+__all__ = [
+    "TrainConfig", "fit", "RunResult", "load_model", "NeuralNetwork", "GPTModel", "ToyaccelError", "Workload",
+    "register_workload", "__version__",
+]  # fmt: skip
+
+# Imported on first use: they pull in torch (and fit, accelerate), and `toyaccel-train --help` needs neither.
+LAZY = {
+    "fit": "toyaccel.runner", "RunResult": "toyaccel.engine.run", "load_model": "toyaccel.saved",
+    "NeuralNetwork": "toyaccel.model", "GPTModel": "toyaccel.gpt_model",
+}  # fmt: skip
 
 
 def __getattr__(name):
-    # fit and RunResult pull in accelerate; importing them lazily keeps `import toyaccel` light.
-    if name in ("fit", "RunResult"):
-        from toyaccel import training
-
-        return getattr(training, name)
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'toyaccel' has no attribute {name!r}")

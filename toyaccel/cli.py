@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from toyaccel.config import SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file, section_of
+from toyaccel.engine.launch import launched_rank, launched_world_size
 from toyaccel.errors import Interrupted, ToyaccelError
-from toyaccel.launch import launched_rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,16 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ToyaccelError(f"{message} (see {self.prog} --help)")
+        raise ToyaccelError(f"{message}{self.suggestion(message)} (see {self.prog} --help)")
+
+    def suggestion(self, message: str) -> str:
+        """'; did you mean --epochs?' for a mistyped flag such as --epcohs (or --epochs=3 typed --epoch=3)."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+        typed = [word.split("=")[0] for word in message.split()[2:] if word.startswith("--")]
+        close = [match for word in typed for match in difflib.get_close_matches(word, flags, n=1)]
+        return f"; did you mean {' '.join(close)}?" if close else ""
 
 
 def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
@@ -87,19 +97,20 @@ def run_cli(main: Callable[[], Any]) -> int:
     try:
         main()
     except ToyaccelError as e:
-        tell_the_launcher(f"error: {e}")
         if launched_rank() != 0:
             # Every process raises the same error, and the launcher kills the others as soon as one exits:
             # waiting lets rank 0 print it once (and end this process); an error only this rank hit still shows.
+            # Nor is it told to the launcher before then: torchrun's report would show it once per process.
             time.sleep(10)
             if e.every_process:  # rank 0 has it for sure: a busy machine may just have been slow to print it
                 return e.exit_code
+        tell_the_launcher(f"error: {e}")
         # One write: print() writes the newline separately, and other processes share this stderr.
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return e.exit_code
     except Interrupted as e:
-        from toyaccel.interrupts import ignore_stop_signals
+        from toyaccel.engine.interrupts import ignore_stop_signals
 
         ignore_stop_signals()
         return e.exit_code  # the training loop saved a checkpoint, and its main process said where
@@ -107,7 +118,29 @@ def run_cli(main: Callable[[], Any]) -> int:
         if launched_rank() == 0:
             print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not lost_a_peer(e):
+            raise
+        # The launcher reports the process that died (and torchrun restarts them all under elastic_cpu.yaml):
+        # this one's ~45-line traceback through the collective would bury that report.
+        sys.stderr.write(f"error: another process of the run stopped ({str(e).strip().splitlines()[0]})\n")
+        sys.stderr.flush()
+        return 1
     return 0
+
+
+# How gloo and the TCP store word a peer that went away in the middle of a collective.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport")
+
+
+def lost_a_peer(error: Exception) -> bool:
+    """Whether ``error`` is a collective failing because another process of the run stopped."""
+    if launched_world_size() <= 1 or not isinstance(error, RuntimeError):
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(error, getattr(dist, "DistNetworkError", ())):
+        return True
+    return any(words in str(error) for words in PEER_LOST)
 
 
 def tell_the_launcher(line: str) -> None:
@@ -123,7 +156,7 @@ def tell_the_launcher(line: str) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     def main() -> None:
         config = parse_train_args(argv)
-        from toyaccel.training import fit  # imported late: `--help` and option errors need no torch start-up
+        from toyaccel.runner import fit  # imported late: `--help` and option errors need no torch start-up
 
         fit(config)
 

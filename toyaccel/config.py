@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from toyaccel.errors import ToyaccelError
+from toyaccel.workloads import get_workload, workload_names
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EVAL_TRAIN = ("sample", "full")
@@ -41,6 +42,8 @@ WORKLOAD_DEFAULTS = {
             "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
             "drop_rate": 0.1, "qkv_bias": False},
 }  # fmt: skip
+# What a workload registered from outside toyaccel (register_workload) starts from, before its option_defaults.
+OWN_WORKLOAD_DEFAULTS = {"val_fraction": 0.0, "optimizer": "sgd"}
 GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
                "drop_rate", "qkv_bias")  # fmt: skip
 # The GPT scores every training window (its evaluation is cheap next to its training step): --eval-train is
@@ -180,10 +183,12 @@ class TrainConfig:
         remembered, so that replace(model=...) gives them the new model's defaults, not the old ones."""
         if not hasattr(self, "_defaulted"):
             self._defaulted: set[str] = set()
-        if self.model not in WORKLOAD_DEFAULTS:
+        if self.model not in workload_names():
             return  # validate() names the bad model
         gpt = self.model == "gpt"
-        fills = dict(WORKLOAD_DEFAULTS[self.model])
+        # A workload registered from outside toyaccel brings its own defaults.
+        own = WORKLOAD_DEFAULTS.get(self.model) or {**OWN_WORKLOAD_DEFAULTS, **get_workload(self.model).option_defaults}
+        fills = dict(own)
         if self.val_data:
             fills["val_fraction"] = 0.0
         optimizer = self.optimizer or fills["optimizer"]
@@ -218,7 +223,8 @@ class TrainConfig:
                 not isinstance(value, expected[kind]) or (kind in ("int", "float") and isinstance(value, bool))
             ):
                 raise ToyaccelError(f"{f.name} must be {kind}, got {value!r}")
-            choices = f.metadata.get("choices")
+            # --model's choices on the command line are toyaccel's own; in Python, any registered workload.
+            choices = workload_names() if f.name == "model" else f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ToyaccelError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if self.hidden is not None:  # None: a GPT run, refused below if given one
@@ -237,7 +243,7 @@ class TrainConfig:
             raise ToyaccelError(f"num_classes must be at least 2, got {self.num_classes}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ToyaccelError(f"weight_decay must be 0 or positive, got {self.weight_decay}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is None or not (math.isfinite(self.lr) and self.lr > 0):
             raise ToyaccelError(f"lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ToyaccelError(f"max_grad_norm must be 0 (off) or positive, got {self.max_grad_norm}")

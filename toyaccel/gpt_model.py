@@ -145,3 +145,15 @@ def _pad_state_dict(module: GPTModel, state_dict, prefix: str, *args) -> None:
         w = state_dict.get(prefix + name)
         if w is not None and w.shape[0] == module.vocab_size:
             state_dict[prefix + name] = torch.cat([w, w.new_zeros(module.padded_rows, w.shape[1])])
+
+
+def flops_per_token(cfg: dict[str, Any]) -> float:
+    """Model FLOPs of one training token (forward and backward): 6 per weight a matrix product uses, plus
+    attention's scores and weighted sums (PaLM's appendix B; nanoGPT's estimate_mfu). The embedding tables
+    are looked up, not multiplied, so they do not count; the output head does. About 0.86 GFLOP for GPT-2
+    124M at context 1024."""
+    emb, layers, context = cfg["emb_dim"], cfg["n_layers"], cfg["context_length"]
+    qkv_bias = 3 * emb if cfg["qkv_bias"] else 0
+    per_block = 3 * emb * emb + qkv_bias + (emb * emb + emb) + (8 * emb * emb + 5 * emb) + 4 * emb
+    matmul_weights = layers * per_block + 2 * emb + cfg["vocab_size"] * emb
+    return 6.0 * matmul_weights + 12.0 * layers * context * emb

@@ -28,12 +28,14 @@ from toyaccel.data import (
     read_table,
     saved_classes,
 )
+from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.placement import choose_placement
+from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
-from toyaccel.launch import launched_world_size
 from toyaccel.model import NeuralNetwork
-from toyaccel.outputs import load_model, read_run_config, write_atomic
+from toyaccel.saved import load_model, read_run_config
 from toyaccel.workloads import workload_of_run
-from toyaccel.workloads.mlp import EVAL_BATCH_SIZE
+from toyaccel.workloads.mlp import EVAL_BATCH_SIZE, evaluate
 
 
 @dataclass
@@ -78,9 +80,9 @@ class SavedRun:
 
 
 def gpt_workload():
-    from toyaccel.workloads import get_workload
+    from toyaccel.workloads import gpt
 
-    return get_workload("gpt")
+    return gpt
 
 
 def load_run(run_dir: str | Path) -> SavedRun:
@@ -175,7 +177,7 @@ def evaluate_run(
     ignore_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of a saved model; the same on every process of a launch."""
-    from toyaccel.training import on_accelerator  # accelerate is slow to import
+    from toyaccel.engine.accelerator import on_accelerator  # accelerate is slow to import
 
     if workload_of_run(read_run_config(run_dir)) == "gpt":
         return gpt_workload().evaluate_text_run(run_dir, data, batch_size)
@@ -190,9 +192,6 @@ def evaluate_run(
 
 def evaluate_prepared(accelerator, model: NeuralNetwork, dataset: ToyDataset, config: TrainConfig) -> dict[str, Any]:
     """The training loop's evaluation of the prepared model, the rows kept where training keeps them."""
-    from toyaccel.device import choose_placement
-    from toyaccel.workloads.mlp import evaluate
-
     num_classes = model.layers[-1].out_features
     dataset = choose_placement([dataset], accelerator.device, 0).place(dataset)
     return evaluate(accelerator, accelerator.prepare(model), dataset, num_classes, config.batch_size)

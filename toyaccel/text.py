@@ -149,15 +149,21 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        return cls.train_from_lines(text.splitlines(keepends=True), vocab_size)
+
+    @classmethod
+    def train_from_lines(cls, lines, vocab_size: int, special_tokens: tuple[str, ...] = ()) -> BPETokenizer:
+        """Trained from any iterable of text (a corpus streamed from disk: toyaccel.shards)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+            special_tokens=list(special_tokens),
         )
-        tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+        tokenizer.train_from_iterator(lines, trainer)
         return cls(tokenizer)
 
     @classmethod
@@ -324,7 +330,7 @@ class TextWindows:
         return inputs[0], targets[0]
 
     def __getitems__(self, indices):
-        # The sampler's indices are already where the tokens are (on a GPU: toyaccel.device); lists move.
+        # The sampler's indices are already where the tokens are (on a GPU: toyaccel.engine.placement); lists move.
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.starts.device)
         rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets]
         return rows[:, :-1], rows[:, 1:]

@@ -6,7 +6,7 @@
 
 On the same synthetic data (64k samples x 32 features x 4 classes) it times one epoch of:
   book      the book's loop: per-sample Dataset.__getitem__, default DataLoader(shuffle=True), plain PyTorch;
-  toyaccel  toyaccel's own loop under Accelerate (toyaccel.training.train_one_epoch on what set_up_training,
+  toyaccel  toyaccel's own loop under Accelerate (toyaccel.engine.Trainer.train_epoch on what Trainer.prepare,
             train()'s own set-up, prepares);
   ceiling   the same model and SGD over pre-sliced batch tensors: no loader, no Accelerate;
 for the book's MLP (hidden 30,20) and a large MLP (2048,2048; its epoch is the first 8k rows) whose

@@ -17,21 +17,26 @@ from pathlib import Path
 import torch
 
 from toyaccel import reference as book
-from toyaccel.checkpoint import save_checkpoint, wait_for_checkpoint
 from toyaccel.config import TrainConfig, parse_hidden
 from toyaccel.data import DataBundle, ToyDataset, load_data, synthetic_blobs
-from toyaccel.device import apply_tf32
-from toyaccel.launch import MPI_AS_ROOT_ENV
-from toyaccel.metrics import MetricsLogger
+from toyaccel.engine import (
+    MPI_AS_ROOT_ENV,
+    Trainer,
+    TrainingJob,
+    apply_tf32,
+    build_accelerator,
+    release,
+    wait_for_checkpoint,
+)
 from toyaccel.model import NeuralNetwork
 from toyaccel.text import ByteTokenizer, TextBundle, TextWindows, synthetic_text
-from toyaccel.training import build_accelerator, release, set_up_training, train_one_epoch
+from toyaccel.workloads import get_workload
 from toyaccel.workloads.gpt import VOCAB_MULTIPLE
 
 __all__ = [  # what the parts use from toyaccel, besides the helpers defined here
-    "book", "save_checkpoint", "wait_for_checkpoint", "TrainConfig", "parse_hidden", "DataBundle", "ToyDataset",
-    "load_data", "synthetic_blobs", "MPI_AS_ROOT_ENV", "NeuralNetwork", "ByteTokenizer", "TextBundle",
-    "TextWindows", "synthetic_text", "VOCAB_MULTIPLE",
+    "book", "wait_for_checkpoint", "TrainConfig", "parse_hidden", "DataBundle", "ToyDataset", "load_data",
+    "synthetic_blobs", "MPI_AS_ROOT_ENV", "NeuralNetwork", "ByteTokenizer", "TextBundle", "TextWindows",
+    "synthetic_text", "VOCAB_MULTIPLE",
 ]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,8 +76,8 @@ def device_accelerator(device: str, output_dir: str, mixed_precision: str = "no"
 
 
 class PreparedLoop:
-    """toyaccel's training loop for any workload, set up by toyaccel.training.set_up_training as train() sets
-    it up (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
+    """toyaccel's training loop for any workload, set up by toyaccel.engine.Trainer as fit sets it up
+    (minus outputs): the data where --data-placement keeps it, the seeded model, its optimizer, all
     prepared. ``epoch()`` returns samples (windows for the GPT: ``tokens_per_sample`` turns them into tokens)."""
 
     tokens_per_sample = 1
@@ -80,27 +85,39 @@ class PreparedLoop:
     def __init__(self, data, config, accelerator, output_dir):
         self.config = config
         self.accelerator = accelerator
-        run = set_up_training(accelerator, config, data)
-        self.model, self.optimizer, self.loader = run.model, run.optimizer, run.train_loader
-        self.sampler, self.state, self.score = run.sampler, run.state, run.score
+        self.trainer = Trainer(accelerator, TrainingJob(config, get_workload(config.model), data, {}))
+        self.trainer.prepare()
+        self.state, self.score = self.trainer.state, self.trainer.score
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.logger = MetricsLogger(self.accelerator, output_dir, self.config.epochs, False, None)
-        self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)  # as train() sets it
+            self.logger = self.trainer.open_log()
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @model.setter
+    def model(self, model):
+        self.trainer.model = self.trainer.step.model = model
+
+    @property
+    def loader(self):
+        return self.trainer.loader
 
     def epoch(self) -> int:
         first_step = self.state.global_step
         # The log lines are part of the loop's cost, but not of this script's output.
         with contextlib.redirect_stdout(io.StringIO()):
-            train_one_epoch(
-                self.accelerator, self.model, self.optimizer, self.loader, self.sampler, self.state, self.config,
-                self.logger, self.log_every,
-            )  # fmt: skip
+            self.trainer.train_epoch()
         self.state.finish_epoch()
         return (self.state.global_step - first_step) * self.state.global_batch * self.tokens_per_sample
 
+    def save_checkpoint(self) -> None:
+        """fit's epoch-end checkpoint (published in the background: see wait_for_checkpoint)."""
+        self.trainer.checkpointer.save(self.state)
+
     def close(self) -> None:
-        del self.model, self.optimizer, self.loader
+        del self.trainer
         self.accelerator.free_memory()  # drop its references to what it prepared for this loop
 
 

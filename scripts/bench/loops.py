@@ -27,7 +27,6 @@ from bench.common import (
     dataset,
     device_accelerator,
     measure,
-    save_checkpoint,
     summary,
     synchronize,
     synthetic_blobs,
@@ -117,7 +116,7 @@ class EpochLoop(ToyaccelLoop):
     def epoch(self) -> int:
         samples = super().epoch()
         self.score(self.model)  # fit's epoch-end evaluation: the validation set and the training-set sample
-        save_checkpoint(self.accelerator, self.config.output_dir, self.state, self.config.keep_last)
+        self.save_checkpoint()
         return samples
 
     def settle(self) -> None:

@@ -1,39 +1,45 @@
-"""Workloads: what is trained. The training loop, checkpoints, command lines and inference are shared;
-each workload is one module that provides the rest:
-
-``load_data(config)``
-    the training and validation sets (datasets with ``__len__`` and ``__getitems__`` returning a
-    collated ``(inputs, targets)`` batch) and ``fingerprint()``; raises ToyaccelError on bad input.
-``build_model(config, data)``, ``model_shape(config, data)``, ``model_from_shape(shape)``
-    the model, the dict config.json and checkpoints record for it, and the model rebuilt from that dict.
-``loss(outputs, targets)``
-    the training loss of one batch.
-``uses_dropout(config)``
-    whether the forward pass draws random numbers (each process then draws its own, see training.py).
-``evaluator(accelerator, config, data)``, ``epoch_fields(metrics)``, ``result_metrics(metrics, samples_per_s,
-config)``, ``throughput(samples_per_s, config)``
-    a function that scores the model on the training and validation sets (each sample counted once),
-    what an epoch's log line and results.json carry, and the throughput a step's log line adds (tokens/s).
-``describe_data(data)``, ``run_description(config, data)``, ``save_extras(output_dir, data)``,
-``after_epoch(accelerator, model, config, data)``
-    the data as read (the start-up line), config.json's model and data sections, files beside the
-    weights (a tokenizer), and what the main process does after each epoch's evaluation (a sample).
+"""Workloads: what is trained. Each is a ``toyaccel.engine.workload.Workload`` (the typed interface the
+engine consumes), registered by name in ``WORKLOADS``; ``register_workload`` adds one of your own, which
+``toyaccel.fit(model=<its name>, ...)`` then trains.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
+from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 
-WORKLOADS = {"mlp": "toyaccel.workloads.mlp", "gpt": "toyaccel.workloads.gpt"}
+# name -> the workload, or where its class is ("module:Class"), imported on first use: the command line's
+# --help and option errors need no torch.
+WORKLOADS: dict[str, Workload | str] = {
+    "mlp": "toyaccel.workloads.mlp:MLPWorkload",
+    "gpt": "toyaccel.workloads.gpt:GPTWorkload",
+}
 
 
-def get_workload(name: str) -> ModuleType:
+def get_workload(name: str) -> Workload:
     if name not in WORKLOADS:
         raise ToyaccelError(f"unknown model {name!r}; choose one of {', '.join(WORKLOADS)}")
-    return importlib.import_module(WORKLOADS[name])
+    entry = WORKLOADS[name]
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        entry = WORKLOADS[name] = getattr(importlib.import_module(module), cls)()
+    return entry
+
+
+def register_workload(workload: Workload) -> Workload:
+    """Make ``workload`` trainable by its ``name`` (replacing a registered one of that name)."""
+    if not isinstance(workload, Workload):
+        raise ToyaccelError(f"{workload!r} is not a toyaccel.engine.workload.Workload")
+    if not workload.name:
+        raise ToyaccelError(f"{type(workload).__name__} has no name: set its class attribute name")
+    WORKLOADS[workload.name] = workload
+    return workload
+
+
+def workload_names() -> tuple[str, ...]:
+    return tuple(WORKLOADS)
 
 
 def workload_of_run(saved: dict) -> str:

@@ -7,58 +7,132 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, SequentialSampler
 
-from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig
+from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig, build_config
+from toyaccel.engine.batches import data_loader as _loader
+from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.placement import choose_placement
+from toyaccel.engine.reporting import say
+from toyaccel.engine.run_dir import write_atomic
+from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
-from toyaccel.metrics import say
-from toyaccel.text import TextBundle, best_possible_loss, load_text_data, perplexity, source_text
+from toyaccel.saved import load_model, read_run_config
+from toyaccel.text import (
+    TextBundle,
+    TextWindows,
+    best_possible_loss,
+    load_text_data,
+    load_tokenizer,
+    perplexity,
+    read_text,
+    source_text,
+    split_text,
+)
+from toyaccel.workloads import workload_of_run
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
 SAMPLE_TOKENS = 50
 EVAL_WINDOWS = 8  # toyaccel-evaluate's default windows per process per batch
-MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
-
-
-def load_data(config: TrainConfig) -> TextBundle:
-    return load_text_data(config)
-
-
-def model_shape(config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
-    """The book's GPT_CONFIG dict."""
-    return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
-
 
 # Vocabulary rows are padded to a multiple of this inside the model (see GPTModel), for GPU matrix products;
 # on every device, so that the optimizer state in a checkpoint has the same shapes wherever it resumes.
 VOCAB_MULTIPLE = 64
 
 
-def build_model(config: TrainConfig, data: TextBundle) -> GPTModel:
-    return GPTModel(model_shape(config), pad_vocab_to=VOCAB_MULTIPLE)
+class GPTWorkload(Workload):
+    name = "gpt"
+    MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
+    def load_data(self, config: TrainConfig) -> TextBundle:
+        return load_text_data(config)
 
-def model_from_shape(shape: dict[str, Any]) -> GPTModel:
-    return GPTModel(shape)
+    def model_shape(self, config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
+        """The book's GPT_CONFIG dict."""
+        return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
 
+    def build_model(self, config: TrainConfig, data: TextBundle) -> GPTModel:
+        return GPTModel(self.model_shape(config, data), pad_vocab_to=VOCAB_MULTIPLE)
 
-def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    def model_from_shape(self, shape: dict[str, Any]) -> GPTModel:
+        return GPTModel(shape)
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-def uses_dropout(config: TrainConfig) -> bool:
-    return config.drop_rate > 0
+    def uses_dropout(self, config: TrainConfig) -> bool:
+        return config.drop_rate > 0
 
+    def evaluator(self, accelerator, config: TrainConfig, data: TextBundle, placement):
+        """What scores the model at an epoch's end: every training and validation window once, kept where
+        ``placement`` keeps the training tokens. The windows go through a prepared loader (gather_for_metrics
+        trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
+        for any number of processes."""
+        sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
+        loaders = {name: prepared_eval_loader(accelerator, ds, config, placement) for name, ds in sets.items()}
+        return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
 
-def evaluator(accelerator, config: TrainConfig, data: TextBundle, placement):
-    """What scores the model at an epoch's end: every training and validation window once, kept where
-    ``placement`` keeps the training tokens. The windows go through a prepared loader (gather_for_metrics
-    trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
-    for any number of processes."""
-    sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-    loaders = {name: prepared_eval_loader(accelerator, windows, config, placement) for name, windows in sets.items()}
-    return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
+    def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        record = {}
+        for name, m in metrics.items():
+            record[f"{name}_loss"], record[f"{name}_ppl"] = m["loss"], m["perplexity"]
+        return record
+
+    def throughput(self, samples_per_s: float, config: TrainConfig) -> dict[str, float]:
+        """A sample is a window of context_length tokens: language models are compared in tokens/s."""
+        return {"tokens_per_s": samples_per_s * config.context_length}
+
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
+        return {
+            "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
+            "train_perplexity": metrics["train"]["perplexity"],
+            **self.throughput(samples_per_s, config),
+            "best_possible_loss": best_possible_loss(config),
+        }
+
+    def run_description(self, config: TrainConfig, data: TextBundle) -> dict[str, Any]:
+        return {
+            "model": self.model_shape(config, data),
+            "tokenizer": {"type": data.tokenizer.kind, "size": data.tokenizer.size},
+            "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
+                     "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
+        }  # fmt: skip
+
+    def describe_data(self, data: TextBundle) -> str:
+        """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), ...``"""
+        windows = data.train.context_length
+        words = f"data {data.source}: {data.tokenizer.kind} tokenizer ({data.tokenizer.size} tokens); "
+        words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
+        if data.val is not None:
+            words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
+        if data.best_loss is not None:
+            words += f"; best possible loss {data.best_loss:.4f} (the text's entropy per token)"
+        return words
+
+    def save_extras(self, output_dir: str, data: TextBundle) -> None:
+        """tokenizer.json: with config.json, all toyaccel-generate needs (a gpt2 run names tiktoken's)."""
+        write_atomic(Path(output_dir) / "tokenizer.json", lambda p: Path(p).write_text(data.tokenizer.to_json()))
+
+    def after_epoch(self, accelerator, model, config: TrainConfig, data: TextBundle) -> dict[str, Any]:
+        """Chapter 5's greedy sample from the start context, printed and logged by the main process. Every
+        process generates it: under FSDP each forward pass gathers the parameter shards from all of them, so
+        a forward on the main process alone would wait forever. Greedy decoding of a fixed length makes the
+        same number of forward passes everywhere, and draws no random numbers, so the data order of the next
+        epoch does not depend on it."""
+        from accelerate.utils import DistributedType
+
+        # FSDP's wrapper is what gathers the shards; elsewhere the plain module does the same maths without
+        # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        net = model if fsdp else accelerator.unwrap_model(model, keep_torch_compile=False)
+        ids = start_ids(data.tokenizer, data.train.tokens)
+        device = next(net.parameters()).device
+        out = generate(net, torch.tensor([ids], device=device), SAMPLE_TOKENS, config.context_length)
+        sample = data.tokenizer.decode(out[0].tolist())
+        say(accelerator, f"sample: {sample!r}")
+        return {"sample": sample}
 
 
 def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
@@ -69,10 +143,6 @@ def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
 
 def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
     """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
-    from torch.utils.data import BatchSampler, SequentialSampler
-
-    from toyaccel.data import _loader
-
     sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
     return _loader(windows, sampler, config)
 
@@ -96,55 +166,6 @@ def evaluate(accelerator, model, loader) -> dict[str, Any]:
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": tokens}
 
 
-def epoch_fields(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    record = {}
-    for name, m in metrics.items():
-        record[f"{name}_loss"], record[f"{name}_ppl"] = m["loss"], m["perplexity"]
-    return record
-
-
-def throughput(samples_per_s: float, config: TrainConfig) -> dict[str, float]:
-    """A sample is a window of context_length tokens: language models are compared in tokens/s."""
-    return {"tokens_per_s": samples_per_s * config.context_length}
-
-
-def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig) -> dict[str, Any]:
-    return {
-        "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
-        "train_perplexity": metrics["train"]["perplexity"],
-        **throughput(samples_per_s, config),
-        "best_possible_loss": best_possible_loss(config),
-    }
-
-
-def run_description(config: TrainConfig, data: TextBundle) -> dict[str, Any]:
-    return {
-        "model": model_shape(config),
-        "tokenizer": {"type": data.tokenizer.kind, "size": data.tokenizer.size},
-        "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
-                 "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
-    }  # fmt: skip
-
-
-def describe_data(data: TextBundle) -> str:
-    """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), val 38 ...``"""
-    windows = data.train.context_length
-    words = f"data {data.source}: {data.tokenizer.kind} tokenizer ({data.tokenizer.size} tokens); "
-    words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
-    if data.val is not None:
-        words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
-    if data.best_loss is not None:
-        words += f"; best possible loss {data.best_loss:.4f} (the text's entropy per token)"
-    return words
-
-
-def save_extras(output_dir: str, data: TextBundle) -> None:
-    """tokenizer.json: with config.json, all toyaccel-generate needs (a gpt2 run names tiktoken's)."""
-    from toyaccel.outputs import write_atomic
-
-    write_atomic(Path(output_dir) / "tokenizer.json", lambda p: Path(p).write_text(data.tokenizer.to_json()))
-
-
 def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
     """The book's start context where the vocabulary has it, else the training text's first tokens."""
     try:
@@ -152,26 +173,6 @@ def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
         return tokenizer.encode(START_CONTEXT)
     except Exception:  # noqa: BLE001 - a byte vocabulary without these letters
         return train[:8].tolist()
-
-
-def after_epoch(accelerator, model, config: TrainConfig, data: TextBundle) -> dict[str, Any]:
-    """Chapter 5's greedy sample from the start context, printed and logged by the main process. Every
-    process generates it: under FSDP each forward pass gathers the parameter shards from all of them, so
-    a forward on the main process alone would wait forever. Greedy decoding of a fixed length makes the
-    same number of forward passes everywhere, and draws no random numbers, so the data order of the next
-    epoch does not depend on it."""
-    from accelerate.utils import DistributedType
-
-    # FSDP's wrapper is what gathers the shards; elsewhere the plain module does the same maths without
-    # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    net = model if fsdp else accelerator.unwrap_model(model, keep_torch_compile=False)
-    ids = start_ids(data.tokenizer, data.train.tokens)
-    device = next(net.parameters()).device
-    out = generate(net, torch.tensor([ids], device=device), SAMPLE_TOKENS, config.context_length)
-    sample = data.tokenizer.decode(out[0].tolist())
-    say(accelerator, f"sample: {sample!r}")
-    return {"sample": sample}
 
 
 @torch.no_grad()
@@ -202,10 +203,6 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
 
 def load_gpt_run(run_dir: str | Path):
     """The model, tokenizer and config.json of a saved ``--model gpt`` run."""
-    from toyaccel.outputs import load_model, read_run_config
-    from toyaccel.text import load_tokenizer
-    from toyaccel.workloads import workload_of_run
-
     saved = read_run_config(run_dir)
     if workload_of_run(saved) != "gpt":
         raise ToyaccelError(
@@ -219,8 +216,6 @@ def generate_from_run(
     top_k: int | None = None, seed: int = 123, context_length: int | None = None,
 ) -> str:  # fmt: skip
     """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
-    from toyaccel.launch import launched_world_size
-
     if launched_world_size() > 1:
         raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
     if max_new_tokens < 0:
@@ -249,9 +244,7 @@ def generate_from_run(
 def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | None) -> dict[str, Any]:
     """Loss and perplexity of a saved GPT on a text file (or its own validation text), every window
     once; under ``accelerate launch`` the processes share the windows and report the same figures."""
-    from toyaccel.config import build_config
-    from toyaccel.text import TextWindows, read_text, split_text
-    from toyaccel.training import on_accelerator
+    from toyaccel.engine.accelerator import on_accelerator
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
@@ -280,8 +273,6 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
 
 def evaluate_prepared(accelerator, model, windows, config: TrainConfig) -> dict[str, Any]:
     """The training's evaluation of the prepared model over ``windows``, kept where training keeps them."""
-    from toyaccel.device import choose_placement
-
     loader = prepared_eval_loader(accelerator, windows, config, choose_placement([windows], accelerator.device, 0))
     return evaluate(accelerator, accelerator.prepare(model), loader)
 

@@ -8,48 +8,79 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig
-from toyaccel.data import (
-    DataBundle,
-    ToyDataset,
-    eval_batches,
-    load_data,  # noqa: F401 - load_data is this workload's data source
-    training_sample,
-)
+from toyaccel.data import DataBundle, ToyDataset, load_data, training_sample
+from toyaccel.engine.batches import eval_batches
+from toyaccel.engine.workload import Workload
 from toyaccel.model import NeuralNetwork
 
 # Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
 # ~4 ms at 4096 rows a batch against ~10 ms at 256, on one CPU thread), and activations stay small.
 EVAL_BATCH_SIZE = 4096
-MODEL_KEYS = ("num_inputs", "num_outputs", "hidden")  # config.json's "model" section
 
 
-def build_model(config: TrainConfig, data: DataBundle) -> NeuralNetwork:
-    return NeuralNetwork(data.num_features, data.num_classes, config.hidden)
+class MLPWorkload(Workload):
+    name = "mlp"
+    MODEL_KEYS = ("num_inputs", "num_outputs", "hidden")  # config.json's "model" section
 
+    def load_data(self, config: TrainConfig) -> DataBundle:
+        return load_data(config)
 
-def model_shape(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
-    """What NeuralNetwork(...) needs: the input and output sizes come from the data."""
-    return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
+    def build_model(self, config: TrainConfig, data: DataBundle) -> NeuralNetwork:
+        return NeuralNetwork(data.num_features, data.num_classes, config.hidden)
 
+    def model_shape(self, config: TrainConfig, data: DataBundle) -> dict[str, Any]:
+        """What NeuralNetwork(...) needs: the input and output sizes come from the data."""
+        return {"num_inputs": data.num_features, "num_outputs": data.num_classes, "hidden": list(config.hidden)}
 
-def model_from_shape(shape: dict[str, Any]) -> NeuralNetwork:
-    return NeuralNetwork(shape["num_inputs"], shape["num_outputs"], tuple(shape["hidden"]))
+    def model_from_shape(self, shape: dict[str, Any]) -> NeuralNetwork:
+        return NeuralNetwork(shape["num_inputs"], shape["num_outputs"], tuple(shape["hidden"]))
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
 
-def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
+    def evaluator(self, accelerator, config: TrainConfig, data: DataBundle, placement):
+        """What scores the model at an epoch's end: the training rows (a fixed sample of them unless
+        --eval-train full) and the validation rows, straight from the tensors (no loader to prepare), kept
+        where ``placement`` (toyaccel.engine.placement) keeps the training data."""
+        sets = {name: placement.place(dataset) for name, dataset in evaluation_sets(config, data).items()}
+        return lambda model: evaluate_sets(accelerator, model, sets, data.num_classes, config)
 
+    def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        record = {}
+        for name, m in metrics.items():
+            record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
+        return record
 
-def uses_dropout(config: TrainConfig) -> bool:
-    return False
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
+        return {
+            "train_accuracy": metrics["train"]["accuracy"],
+            "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else None,
+        }
 
+    def run_description(self, config: TrainConfig, data: DataBundle) -> dict[str, Any]:
+        """config.json's part: enough to rebuild the model, its input scaling and its class names without
+        toyaccel's pickles."""
+        return {
+            "model": self.model_shape(config, data),
+            "data": {
+                "feature_names": data.feature_names,
+                "label_column": config.label_column,
+                "ignore_columns": list(config.ignore_columns),
+                "num_classes": data.num_classes,
+                "classes": data.classes,
+                "mean": data.mean,
+                "std": data.std,
+            },
+        }
 
-def evaluator(accelerator, config: TrainConfig, data: DataBundle, placement):
-    """What scores the model at an epoch's end: the training rows (a fixed sample of them unless
-    --eval-train full) and the validation rows, straight from the tensors (no loader to prepare), kept
-    where ``placement`` (toyaccel.device) keeps the training data."""
-    sets = {name: placement.place(dataset) for name, dataset in evaluation_sets(config, data).items()}
-    return lambda model: evaluate_sets(accelerator, model, sets, data.num_classes, config)
+    def describe_data(self, data: DataBundle) -> str:
+        """``data train.csv: 150 rows, 4 features (a, b, c, d), 3 classes: setosa, versicolor, virginica; train
+        120, val 30 (0.2 of the rows held out)``"""
+        words = f"data {data.source}: {data.rows_read} rows, {data.num_features} features ({few(data.feature_names)})"
+        words += f", {data.num_classes} classes: {few(data.classes, 10)}; train {len(data.train)}"
+        if data.val is not None:
+            words += f", val {len(data.val)} ({data.val_source})"
+        return words
 
 
 def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
@@ -92,59 +123,5 @@ def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_si
     }
 
 
-def epoch_fields(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    record = {}
-    for name, m in metrics.items():
-        record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
-    return record
-
-
-def throughput(samples_per_s: float, config: TrainConfig) -> dict[str, float]:
-    """Nothing beyond samples/s: a sample is a row."""
-    return {}
-
-
-def result_metrics(metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig) -> dict[str, Any]:
-    return {
-        "train_accuracy": metrics["train"]["accuracy"],
-        "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else None,
-    }
-
-
-def run_description(config: TrainConfig, data: DataBundle) -> dict[str, Any]:
-    """config.json's part: enough to rebuild the model, its input scaling and its class names without
-    toyaccel's pickles."""
-    return {
-        "model": model_shape(config, data),
-        "data": {
-            "feature_names": data.feature_names,
-            "label_column": config.label_column,
-            "ignore_columns": list(config.ignore_columns),
-            "num_classes": data.num_classes,
-            "classes": data.classes,
-            "mean": data.mean,
-            "std": data.std,
-        },
-    }
-
-
-def describe_data(data: DataBundle) -> str:
-    """``data train.csv: 150 rows, 4 features (a, b, c, d), 3 classes: setosa, versicolor, virginica; train 120,
-    val 30 (0.2 of the rows held out)``"""
-    words = f"data {data.source}: {data.rows_read} rows, {data.num_features} features ({few(data.feature_names)})"
-    words += f", {data.num_classes} classes: {few(data.classes, 10)}; train {len(data.train)}"
-    if data.val is not None:
-        words += f", val {len(data.val)} ({data.val_source})"
-    return words
-
-
 def few(names: list[str], most: int = 6) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
-
-
-def save_extras(output_dir: str, data: DataBundle) -> None:
-    """Nothing besides the weights: config.json carries the scaling."""
-
-
-def after_epoch(accelerator, model, config: TrainConfig, data: DataBundle) -> dict[str, Any]:
-    return {}

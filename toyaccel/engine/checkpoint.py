@@ -4,13 +4,17 @@ A checkpoint is a folder ``checkpoints/step_<global_step>/`` holding what ``acce
 writes (weights, optimizer, per-process RNG files) plus two files of ours, neither of them a pickle:
 ``rng_state.safetensors`` (the global torch RNG, which decides each epoch's data order) and
 ``trainer_state.json`` (where training stands, what it was trained with, and a manifest with the
-size and SHA-256 of every file, written last).
+size and SHA-256 of every file, written last). The state file carries the SHA-256 of its own contents
+(``state_sha256``), so no part of a checkpoint is taken on trust: a checkpoint verifies only if every
+file in its folder is listed and matches, the listed names stay inside the folder, the files a resume
+needs are there, and the state's fields make sense.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -24,15 +28,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from toyaccel.engine.run_dir import current_umask, respect_umask
 from toyaccel.errors import ToyaccelError
-from toyaccel.faults import maybe_inject_fault
-from toyaccel.outputs import current_umask, read_run_config, respect_umask
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# The key of the state file's own checksum: the SHA-256 of its other contents in canonical JSON.
+STATE_DIGEST = "state_sha256"
+# A manifest of a few thousand shards is ~1 MB; anything far larger is not one of ours.
+MAX_STATE_BYTES = 64 << 20
+# What accelerate names the files of a model and of an optimizer (model.safetensors, pytorch_model.bin,
+# pytorch_model_fsdp_0.bin or a folder of FSDP shards; optimizer.bin, optimizer_0/ ...).
+MODEL_PREFIXES = ("model", "pytorch_model")
+OPTIMIZER_PREFIX = "optimizer"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SEED_LIMIT = 1 << 63  # epoch seeds are drawn as non-negative int64
 
 
 @dataclass
@@ -119,36 +134,109 @@ _publishing: Future | None = None
 _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toyaccel-checkpoint")
 
 
-def save_checkpoint(accelerator, output_dir: str, state: TrainerState, keep_last: int) -> Path:
-    """Write a checkpoint of the current step; every process must call this.
+class Checkpointer:
+    """Writes this run's checkpoints into ``output_dir/checkpoints``, keeping the newest ``keep_last``
+    (0: all); ``hooks`` (toyaccel.engine.faults) is called with a checkpoint half written."""
 
-    The files are written before this returns, so they hold this step's state; making them durable and
-    publishing the folder under its final name (the fsyncs wait on the disk, ~5-10 ms a checkpoint, about
-    5% of a small model's epoch) goes on in a thread while training continues. Until then the folder is
-    a ``.tmp-`` one that resume never reads, so a crash meanwhile resumes from the checkpoint before.
-    ``wait_for_checkpoint`` waits for it; the next checkpoint, the end of training, an interrupt and the
-    interpreter's exit do.
-    """
-    global _publishing
-    wait_for_checkpoint()
-    root = Path(output_dir) / "checkpoints"
-    final = root / f"step_{state.global_step}"
-    tmp = root / f".tmp-step_{state.global_step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    maybe_inject_fault("checkpoint", state.global_step, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # Every process holds the same global RNG state (same seed, same draws), so one copy serves
-        # any number of processes on resume, including a different number.
-        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
-        # The state as of this step: training goes on changing ``state`` while the thread runs.
-        _publishing = _publisher.submit(_publish, tmp, final, dataclasses.replace(state), output_dir, keep_last)
-    accelerator.wait_for_everyone()
-    return final
+    def __init__(self, accelerator, output_dir: str, keep_last: int, hooks=None):
+        self.accelerator, self.output_dir, self.keep_last, self.hooks = accelerator, output_dir, keep_last, hooks
+
+    def save(self, state: TrainerState) -> Path:
+        """Write a checkpoint of the current step; every process must call this.
+
+        The files are written before this returns, so they hold this step's state; making them durable and
+        publishing the folder under its final name (the fsyncs wait on the disk, ~5-10 ms a checkpoint, about
+        5% of a small model's epoch) goes on in a thread while training continues. Until then the folder is
+        a ``.tmp-`` one that resume never reads, so a crash meanwhile resumes from the checkpoint before.
+        ``wait_for_checkpoint`` waits for it; the next checkpoint, the end of training, an interrupt and the
+        interpreter's exit do.
+
+        A checkpoint that cannot be written (a full disk) stops every process with one line (ToyaccelError):
+        training on without checkpoints would risk hours for a disk that will not empty itself.
+        """
+        global _publishing
+        accelerator = self.accelerator
+        root = Path(self.output_dir) / "checkpoints"
+        final = root / f"step_{state.global_step}"
+        tmp = root / f".tmp-step_{state.global_step}"
+        problem = _unwritable(wait_for_checkpoint)
+        if accelerator.is_main_process and problem is None:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+            problem = _unwritable(lambda: tmp.mkdir(parents=True), final)
+        accelerator.wait_for_everyone()
+        if problem is None:
+            problem = _unwritable(lambda: accelerator.save_state(str(tmp)), final)
+        if self.hooks is not None:
+            self.hooks.in_checkpoint(state.global_step)
+        if accelerator.is_main_process and problem is None:
+            # Every process holds the same global RNG state (same seed, same draws), so one copy serves
+            # any number of processes on resume, including a different number.
+            rng = {"torch": torch.get_rng_state()}
+            problem = _unwritable(lambda: save_file(rng, str(tmp / RNG_FILE)), final)
+        # Also the barrier before publishing: every process has written its part by now.
+        _raise_if_any(accelerator, problem, tmp)
+        if accelerator.is_main_process:
+            # The state as of this step: training goes on changing ``state`` while the thread runs.
+            snapshot = dataclasses.replace(state)
+            _publishing = _publisher.submit(_publish, tmp, final, snapshot, self.output_dir, self.keep_last)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def finish_checkpoint(accelerator) -> None:
+    """wait_for_checkpoint on every process: where publishing failed, every process stops with its line."""
+    _raise_if_any(accelerator, _unwritable(wait_for_checkpoint))
+
+
+def _raise_if_any(accelerator, problem: str | None, tmp: Path | None = None) -> None:
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        if accelerator.is_main_process and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took is what the user is short of
+        raise ToyaccelError(problems[0], every_process=True)
+
+
+# Errors that say a file could not be written (torch.save's says only "unexpected pos": the free
+# space left tells it apart).
+NO_SPACE = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def _unwritable(write, final: Path | None = None) -> str | None:
+    """Run ``write``; if the disk refused it, return the one line that says so (None: it worked)."""
+    try:
+        write()
+        return None
+    except ToyaccelError as e:  # publishing the previous checkpoint failed: its line is ready
+        return str(e)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        free = _free_bytes(final.parent if final is not None else Path("."))
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = full or any(text in reason for text in NO_SPACE) or (free is not None and free < 1 << 20)
+        if not (full or isinstance(e, OSError)):
+            raise
+        what = "the disk is full: " if full else ""
+        room = f", {free >> 10} KiB free there" if free is not None else ""
+        return (
+            f"{what}cannot write checkpoint {final} ({_short(reason, 120)}{room}); the checkpoints before it "
+            "are whole: make room, then run the same command with --resume latest"
+        )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for candidate in (folder, *folder.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bfree * st.f_frsize if os.geteuid() == 0 else st.f_bavail * st.f_frsize
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters: a damaged file must not flood or split the message."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def wait_for_checkpoint() -> None:
@@ -160,8 +248,10 @@ def wait_for_checkpoint() -> None:
 
 
 def _publish(tmp: Path, final: Path, state: TrainerState, output_dir: str, keep_last: int) -> None:
-    write_manifest(tmp, state)
-    _move_into_place(tmp, final)
+    problem = _unwritable(lambda: (write_manifest(tmp, state), _move_into_place(tmp, final)), final)
+    if problem:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ToyaccelError(problem)
     if keep_last:
         # The newest of this timeline: a resumed run has set aside any later ones (set_aside_abandoned).
         for old in checkpoint_dirs(output_dir)[keep_last:]:
@@ -174,14 +264,16 @@ def write_manifest(folder: Path, state: TrainerState) -> None:
     sub-folders included (FSDP's SHARDED_STATE_DICT saves each model and optimizer as a folder); then
     make them all durable. The folder is not a checkpoint until it is renamed, so the manifest needs no
     write-and-rename of its own, and it is synced with the data rather than after it."""
-    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / STATE_FILE)
     umask = current_umask()
     files = {}
     for path in paths:
         respect_umask(path, umask)
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = folder / STATE_FILE
-    manifest.write_text(json.dumps({**dataclasses.asdict(state), "files": files}, indent=2) + "\n")  # umask's mode
+    body = {**dataclasses.asdict(state), "files": files}
+    body[STATE_DIGEST] = _state_digest(json.loads(json.dumps(body)))  # hashed as it will be read back
+    manifest.write_text(json.dumps(body, indent=2) + "\n")  # umask's mode
     # accelerate does not fsync what it writes; the rename that publishes the folder must not outlive the data.
     _fsync_all([*paths, manifest])
 
@@ -199,87 +291,11 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: str | Path) -> TrainerState:
-    """Read a checkpoint's state and check every file against its manifest, or say which file is bad."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ToyaccelError(f"checkpoint {path}: no such directory")
-    state, manifest = _read_state(path / STATE_FILE)
-    for name, (size, digest) in manifest.items():
-        f = path / name
-        if not f.is_file():
-            raise ToyaccelError(f"{f}: missing from checkpoint")
-        if f.stat().st_size != size or _sha256(f) != digest:
-            raise ToyaccelError(f"{f}: damaged (size or checksum differs from {STATE_FILE})")
-    return state
-
-
-def _read_state(state_file: Path) -> tuple[TrainerState, dict[str, tuple[int, str]]]:
-    try:
-        raw = json.loads(state_file.read_text())
-        manifest = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in raw.pop("files").items()}
-        return TrainerState(**raw), manifest
-    except FileNotFoundError:
-        raise ToyaccelError(f"{state_file}: missing (incomplete checkpoint)") from None
-    except OSError as e:
-        raise ToyaccelError(f"{state_file}: cannot read: {e.strerror or e}") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ToyaccelError(f"{state_file}: damaged ({type(e).__name__}: {e})") from None
-
-
-@dataclass
-class ResumePlan:
-    """Where a run starts: decided once, on the main process, and sent to every process, so that no
-    process decides alone (another hostname, or a file system that caches listings, would differ)."""
-
-    resuming: bool = False  # the output folder holds this run: carry on in it, keeping its log up to the start
-    checkpoint: str | None = None  # the verified checkpoint to load; None: start at step 0
-    state: dict[str, Any] | None = None  # its TrainerState, as a dict
-
-    def trainer_state(self) -> TrainerState | None:
-        return TrainerState(**self.state) if self.state is not None else None
-
-
-def plan_resume(output_dir: str, resume: str | None, expected: TrainerState, restarted: bool, say=print) -> ResumePlan:
-    """Decide where to start. ``resume``: None, 'latest', 'auto' or a checkpoint folder; ``restarted``:
-    this is an elastic restart of the launch that owns ``output_dir``; ``expected``: this run's state
-    at step 0, which a checkpoint must match. Raises ToyaccelError before anything is written."""
-    if resume not in (None, "latest", "auto"):
-        path, state = Path(resume), verify_checkpoint(resume)
-    elif resume or restarted:
-        found = newest_complete_checkpoint(output_dir, say)
-        if found is None:
-            if resume == "latest":
-                raise ToyaccelError(f"--resume latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
-            # An elastic restart or a requeued job before its first checkpoint starts over in its folder;
-            # --resume auto still refuses a folder that holds another run.
-            return ResumePlan(resuming=restarted or same_run_in(output_dir, expected))
-        path, state = found
-    else:
-        return ResumePlan()
-    diffs = state.differences(expected)
-    if diffs:
-        raise ToyaccelError(f"{path / STATE_FILE}: cannot resume, this run differs from it: {'; '.join(diffs)}")
-    return ResumePlan(resuming=True, checkpoint=str(path), state=dataclasses.asdict(state))
-
-
-def newest_complete_checkpoint(output_dir: str, say=print) -> tuple[Path, TrainerState] | None:
-    """The newest checkpoint that verifies, and its state (hashing a large checkpoint once is enough)."""
-    for candidate in checkpoint_dirs(output_dir):
-        try:
-            return candidate, verify_checkpoint(candidate)
-        except ToyaccelError as e:
-            say(f"skipping checkpoint {candidate.name}: {e}")
-    return None
-
-
-def same_run_in(output_dir: str, expected: TrainerState) -> bool:
-    """Whether ``output_dir`` holds a run with the same training settings (its config.json)."""
-    try:
-        saved = read_run_config(output_dir)["config"]
-        return {name: saved.get(name) for name in expected.training} == expected.training
-    except (ToyaccelError, KeyError, TypeError):
-        return False
+def _state_digest(body: dict[str, Any]) -> str:
+    """The SHA-256 of a state file's contents without its own checksum, in one canonical form (key
+    order and spacing do not count: the numbers and names do)."""
+    rest = {k: v for k, v in body.items() if k != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def set_aside_abandoned(output_dir: str, start_step: int) -> Path | None:

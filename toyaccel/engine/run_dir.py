@@ -1,4 +1,4 @@
-"""Files of a run: atomic writes, the output-directory guard, and loading a saved model."""
+"""The files of a run's folder: atomic writes, the output-directory guard, the launch that owns it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from toyaccel.errors import ToyaccelError
-from toyaccel.workloads import get_workload, workload_of_run
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
 RUN_FILES = (
@@ -87,9 +87,21 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None
     except OSError as e:
         raise ToyaccelError(f"cannot write to output directory {out}: {e.strerror or e}") from None
     if overwrite and not resuming:
+        refuse_linked_run_entries(out)
         for name in found:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def refuse_linked_run_entries(out: Path) -> None:
+    """--overwrite removes what toyaccel wrote; a link in its place was made by someone else, and
+    removing through it would delete what it points to (checked before anything is removed)."""
+    for name in RUN_FILES:
+        if (out / name).is_symlink():
+            raise ToyaccelError(
+                f"{out / name} is a symbolic link, which --overwrite neither follows nor removes: remove it "
+                "yourself, or choose another --output-dir"
+            )
 
 
 def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:
@@ -129,35 +141,19 @@ def restart_of_owning_launch(output_dir: str) -> bool:
         return False
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+def read_config_json(run_dir: str | Path, check: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """A run's config.json; ``check`` raises KeyError or TypeError where it lacks what the caller needs. Any
+    failure is one ToyaccelError naming the file."""
     path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(path.read_text())
-        model_keys = get_workload(workload_of_run(saved)).MODEL_KEYS
-        [saved["model"][key] for key in model_keys]  # noqa: B018 - a KeyError names what is missing
+        if check is not None:
+            check(saved)
     except FileNotFoundError:
         raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ToyaccelError(f"{path}: not a toyaccel run config ({type(e).__name__}: {e})") from None
     return saved
-
-
-def load_model(run_dir: str | Path) -> torch.nn.Module:
-    """Rebuild a trained model (the MLP or the GPT) from ``model.safetensors`` and ``config.json``
-    (no pickle involved)."""
-    saved = read_run_config(run_dir)
-    try:
-        model = get_workload(workload_of_run(saved)).model_from_shape(saved["model"])
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
-        raise ToyaccelError(f"{Path(run_dir) / 'config.json'}: bad model section ({type(e).__name__}: {e})") from None
-    path = Path(run_dir) / "model.safetensors"
-    try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except FileNotFoundError:
-        raise ToyaccelError(f"{path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - truncated file, wrong keys or shapes: one line naming the file
-        raise ToyaccelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
-    return model.eval()
 
 
 def default_output_dir(data: str, resuming: bool) -> str:

@@ -11,13 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
-from toyaccel.data import dataset_device, dataset_tensors
 from toyaccel.errors import ToyaccelError
 
 # Data goes onto the GPU when all of it takes at most this share of the GPU's free memory: the rest
 # is left for the model, its gradients, optimizer state and activations. The toy and synthetic sets
 # and any CSV file a person would read by hand are far below it (1M rows x 32 features: 132 MB).
 DEVICE_DATA_FRACTION = 0.25
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs MFU is reported against; others get none.
+DENSE_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def dataset_tensors(dataset) -> dict[str, torch.Tensor]:
+    """A dataset's tensor attributes (features and labels; token ids and window starts): what moves
+    when the dataset is kept on a GPU."""
+    return {name: value for name, value in vars(dataset).items() if isinstance(value, torch.Tensor)}
+
+
+def dataset_device(dataset) -> torch.device:
+    return next((t.device for t in dataset_tensors(dataset).values()), torch.device("cpu"))
 
 
 @dataclass
@@ -69,15 +80,6 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     return nbytes <= DEVICE_DATA_FRACTION * free
 
 
-def dataloader_configuration():
-    """Batches copied to the GPU with non_blocking=True: from pinned memory the copy overlaps the
-    previous step instead of making the CPU wait for it. On CPU, and for data already on the GPU,
-    there is no copy and this changes nothing."""
-    from accelerate.utils import DataLoaderConfiguration  # slow to import: only when building one
-
-    return DataLoaderConfiguration(non_blocking=True)
-
-
 def tf32_supported(device: torch.device) -> bool:
     """TF32 tensor cores exist from Ampere (compute capability 8.0) on."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
@@ -103,3 +105,11 @@ def gpu_description(device: torch.device, tf32: bool, placement: DataPlacement, 
         return ""
     tf32_state = "on" if tf32 else "off" if tf32_supported(device) else "n/a (GPU older than Ampere)"
     return f", tf32 {tf32_state}, {placement.description}" + (f", backend {backend}" if backend else "")
+
+
+def dense_bf16_peak(device: torch.device) -> float | None:
+    """FLOP/s of ``device``'s dense bf16 peak where it is a GPU of DENSE_BF16_TFLOPS, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for gpu, tflops in DENSE_BF16_TFLOPS.items() if gpu in name), None)

@@ -14,16 +14,8 @@ import logging
 import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
 
 from toyaccel.errors import ToyaccelError
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from toyaccel.config import TrainConfig
 
 # The variables a launcher sets to the number of processes it started, in the order Accelerate
 # reads them (accelerate.state): MPI's own (Open MPI, Intel MPI/MPICH, MVAPICH), then torchrun's.
@@ -33,6 +25,8 @@ RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RA
 # Open MPI refuses to start as root without these (containers and CI run as root).
 MPI_AS_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 MPI_AS_ROOT = " ".join(f"{k}={v}" for k, v in MPI_AS_ROOT_ENV.items())
+# What a rank of an MPI launch has for its parent: Open MPI 5's mpirun runs as prterun (older: orterun).
+MPI_LAUNCHERS = ("mpirun", "mpiexec", "prterun", "prte", "orterun")
 
 
 def launched_world_size() -> int:
@@ -52,65 +46,30 @@ def _first_int(names: tuple[str, ...], default: int) -> int:
     return default
 
 
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    check_launch()
-    # accelerate is imported here, not at the top: it is slow to import, and the command line needs
-    # launched_rank() on its error path. Looked up at call time, so tests/allreduce_probe.py can
-    # substitute its own Accelerator.
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from toyaccel.device import dataloader_configuration
-
-    # A multi-process launch on a machine without CUDA would otherwise give N processes that each
-    # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
-    multi_process = launched_world_size() > 1
-    try:
-        accelerator = Accelerator(
-            cpu=multi_process and not torch.cuda.is_available(),
-            dataloader_config=dataloader_configuration(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.grad_accum,
-            dynamo_backend="inductor" if config.compile else None,
-            log_with=config.log_with,
-            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-        )
-    except (ValueError, ImportError, RuntimeError) as e:
-        raise ToyaccelError(f"cannot set up Accelerate: {str(e).strip().splitlines()[0]}") from None
-    return accelerator
-
-
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse setups that would run, but not as asked."""
-    from accelerate.utils import DistributedType
-
-    launched = launched_world_size()
-    if accelerator.num_processes != launched:
-        raise ToyaccelError(
-            f"the launcher started {launched} processes but Accelerate sees a world of {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}): each process would train alone on all the data; "
-            "use accelerate_configs/multi_cpu.yaml on a machine without GPUs"
-        )
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
-        raise ToyaccelError(
-            f"the accelerate config asks for FSDP but this run got {accelerator.distributed_type.value} "
-            "(FSDP needs GPUs); use accelerate_configs/multi_cpu.yaml on CPU"
-        )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ToyaccelError(
-            "fp16 mixed precision does nothing on CPU; use bf16 (accelerate_configs/cpu_bf16.yaml) or no"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Launches refused at start-up
 
 
 def check_launch() -> None:
     """Stop a launch that would train with another number of processes than asked, or hang."""
+    refuse_no_processes()
     refuse_one_process_for_many()
     refuse_mpi_without_port()
+
+
+def refuse_no_processes() -> None:
+    """`--num_processes 0` (or less) would otherwise train as one process: accelerate's mpirun command
+    then leaves out -n, and its simple launcher starts one process whatever the number."""
+    if "ACCELERATE_USE_CPU" not in os.environ:  # set by the simple launcher, alone or with mpirun
+        return
+    launch_argv = parent_accelerate_launch_argv()
+    args = None if launch_argv is None else parse_launch(launch_argv)
+    if args is not None and args.num_processes is not None and args.num_processes < 1:
+        raise ToyaccelError(
+            f"accelerate launch was asked for --num_processes {args.num_processes}; a run needs at least one "
+            "process: pass --num_processes 1 or more",
+            every_process=True,
+        )
 
 
 def refuse_one_process_for_many() -> None:
@@ -129,7 +88,8 @@ def refuse_mpi_without_port() -> None:
     if mpi_world and os.environ.get("MASTER_PORT") == "0":
         raise ToyaccelError(
             "an MPI launch with main_process_port 0 cannot form a world (each process would wait on a port "
-            "only the first one knows); pass --main_process_port with a free port, e.g. 29500"
+            "only the first one knows); pass --main_process_port with a free port, e.g. 29500",
+            every_process=True,
         )
 
 
@@ -156,11 +116,12 @@ def simple_launch_of_many() -> tuple[int, str] | None:
 
 
 def parent_accelerate_launch_argv() -> list[str] | None:
-    """The arguments after `accelerate launch` in the parent's command line, if it is one."""
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
-    except (OSError, UnicodeDecodeError):  # no /proc (macOS) or the parent is gone: not ours to judge
-        return None
+    """The arguments after `accelerate launch` in the parent's command line, if it is one (or in the
+    grandparent's, where the parent is the mpirun that `accelerate launch` started)."""
+    parent = os.getppid()
+    argv = command_line(parent)
+    if argv and os.path.basename(argv[0]) in MPI_LAUNCHERS:
+        argv = command_line(parent_of(parent))
     for i, arg in enumerate(argv):
         name = os.path.basename(arg)
         if name in ("accelerate-launch", "accelerate.commands.launch"):
@@ -168,6 +129,21 @@ def parent_accelerate_launch_argv() -> list[str] | None:
         if name in ("accelerate", "accelerate.commands.accelerate_cli") and argv[i + 1 : i + 2] == ["launch"]:
             return argv[i + 2 :]
     return None
+
+
+def command_line(pid: int | None) -> list[str]:
+    """A process's argv; empty where it cannot be read (no /proc, as on macOS, or the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1] if pid else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def parent_of(pid: int) -> int | None:
+    try:  # the field after the command name, which may itself hold spaces and parentheses
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def parse_launch(launch_argv: list[str]):
@@ -187,6 +163,8 @@ def parse_launch(launch_argv: list[str]):
 
 def working_command(args) -> str:
     """The launch that gives ``args.num_processes`` real processes, for the same script and options."""
+    import torch  # slow to import: the command line reads this module before any option is checked
+
     if torch.cuda.is_available():
         config, prefix = "accelerate_configs/multi_gpu.yaml", ""
     else:

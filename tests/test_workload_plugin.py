@@ -1,0 +1,107 @@
+"""A workload of one's own: defined here, outside toyaccel, and trained through toyaccel.fit by name."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from toyaccel import fit, load_model
+from toyaccel.engine.workload import Workload
+from toyaccel.workloads import WORKLOADS, register_workload
+
+TRUE_WEIGHTS = torch.tensor([[1.5, -2.0, 0.5]])
+TRUE_BIAS = 0.25
+ROWS, EPOCHS, LR, SEED = 256, 30, 0.4, 7
+
+
+class Rows:
+    """Inputs and targets as tensors: ``__getitems__`` returns a collated batch, as the engine asks."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
+        return self.x.index_select(0, indices), self.y.index_select(0, indices)
+
+
+class Regression:
+    def __init__(self, train: Rows, val: Rows | None = None):
+        self.train, self.val = train, val
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.train.x.numpy().tobytes() + self.train.y.numpy().tobytes()).hexdigest()[:16]
+
+
+def regression_rows(seed: int) -> Rows:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, 3, generator=g)
+    return Rows(x, x @ TRUE_WEIGHTS.T + TRUE_BIAS)  # noise-free: least squares has the true weights
+
+
+class LinearRegression(Workload):
+    name = "linreg"
+    MODEL_KEYS = ("in_features",)
+    option_defaults = {"lr": LR}
+
+    def load_data(self, config) -> Regression:
+        return Regression(regression_rows(config.seed))
+
+    def build_model(self, config, data) -> torch.nn.Module:
+        return torch.nn.Linear(3, 1)
+
+    def model_shape(self, config, data) -> dict:
+        return {"in_features": 3}
+
+    def model_from_shape(self, shape: dict) -> torch.nn.Module:
+        return torch.nn.Linear(shape["in_features"], 1)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(outputs, targets)
+
+
+@pytest.fixture
+def linreg():
+    workload = register_workload(LinearRegression())
+    yield workload
+    WORKLOADS.pop(workload.name)
+
+
+def plain_pytorch_loop() -> torch.nn.Module:
+    """The same training written out by hand: full-batch gradient descent from the same seeded init."""
+    rows = regression_rows(SEED)
+    torch.manual_seed(SEED)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(EPOCHS):
+        loss = torch.nn.functional.mse_loss(model(rows.x), rows.y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def test_a_workload_defined_outside_toyaccel_trains_through_fit(linreg, tmp_path):
+    result = fit(model="linreg", epochs=EPOCHS, batch_size=ROWS, seed=SEED, output_dir=str(tmp_path / "run"),
+                 progress=False, plot=False)  # fmt: skip
+    trained = load_model(result.output_dir)
+    torch.testing.assert_close(trained.weight.detach(), TRUE_WEIGHTS, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained.bias.detach(), torch.tensor([TRUE_BIAS]), atol=1e-5, rtol=0)
+    # Each epoch is one full batch (in the epoch's shuffled order: float sums differ in the last bits only).
+    reference = plain_pytorch_loop()
+    torch.testing.assert_close(trained.weight.detach(), reference.weight.detach(), atol=1e-6, rtol=1e-6)
+    assert result.global_step == EPOCHS and result.train_loss < 1e-9
+    assert [r["train_loss"] for r in result.history if r["kind"] == "epoch"][-1] == result.train_loss
+
+
+def test_a_workload_must_implement_the_interface():
+    class Incomplete(Workload):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()

@@ -1,0 +1,286 @@
+"""The training loop: one for CPU, one GPU, and DDP over many processes or machines.
+
+A ``Trainer`` holds a run's state in one place: the prepared model, optimizer and batches, where training
+stands (``TrainerState``), the evaluator, the checkpointer and the log. Nothing in it knows how many
+processes there are or which model it trains: the Accelerator places the model, optimizer and batches,
+shards the data and averages the gradients; the workload (toyaccel.engine.workload) gives the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+
+from toyaccel.engine.batches import build_train_loader, draw_epoch_seed
+from toyaccel.engine.checkpoint import (
+    Checkpointer,
+    TrainerState,
+    checkpoint_dirs,
+    finish_checkpoint,
+    wait_for_checkpoint,
+)
+from toyaccel.engine.distributed import check_processes_agree
+from toyaccel.engine.faults import fault_hooks
+from toyaccel.engine.interrupts import StopRequests
+from toyaccel.engine.optim import build_optimizer, learning_rate, optimizer_to_step, own_random_stream
+from toyaccel.engine.placement import choose_placement
+from toyaccel.engine.reporting import MetricsLogger, say
+from toyaccel.engine.workload import Workload
+from toyaccel.errors import Interrupted, ToyaccelError
+
+FOLD_LOSSES = 1024
+
+
+@dataclass
+class TrainingJob:
+    """What one run trains: its options (``config``: the engine reads the run and optimizer options), the
+    workload, the data as the workload read it, and the options that take part in the run (config.json's
+    and the start-up line's)."""
+
+    config: Any
+    workload: Workload
+    data: Any
+    options: dict[str, Any]
+    advice: Advice = field(default_factory=lambda: Advice())
+
+
+@dataclass
+class Advice:
+    """How this run's messages are worded for its model family (the top layer knows it)."""
+
+    said: frozenset[str] = frozenset()  # options the data's description already says
+    clipping: bool = False  # a diverging loss suggests --max-grad-norm too
+
+
+class Trainer:
+    """A run's training: ``prepare()`` sets it up, ``train_epoch()`` trains one epoch, ``fit()``
+    (toyaccel.engine.run) is the whole run. ``stops``: the stop signals this process has noted."""
+
+    def __init__(self, accelerator, job: TrainingJob, stops: StopRequests | None = None):
+        self.accelerator, self.job, self.config = accelerator, job, job.config
+        self.stops = stops or StopRequests()
+        # Fault injection for crash tests: None unless TOYACCEL_FAULT is set, and then nothing is called.
+        self.hooks = fault_hooks(accelerator.process_index, wait_for_checkpoint)
+        self.checkpointer = Checkpointer(accelerator, self.config.output_dir, self.config.keep_last, self.hooks)
+        self.placement = None
+        self.logger: MetricsLogger | None = None
+
+    def place_data(self):
+        """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
+        config, data = self.config, self.job.data
+        self.placement = choose_placement(
+            [data.train, data.val], self.accelerator.device, config.num_workers, config.data_placement
+        )
+        return self.placement
+
+    def prepare(self) -> None:
+        """Place the data, build the training batches, the evaluator, the model (seeded) and its optimizer,
+        and prepare them; ``state`` is step 0 of this run: what a checkpoint must match to be resumed."""
+        accelerator, config, workload, data = self.accelerator, self.config, self.job.workload, self.job.data
+        placement = self.placement or self.place_data()
+        train_loader = build_train_loader(placement.place(data.train), config, accelerator, placement.pin_memory)
+        # Taken before prepare(): with worker processes prepare() wraps the DataLoader, and on several
+        # processes the wrapper's batch sampler is accelerate's shard of this one.
+        self.sampler = train_loader.batch_sampler
+        self.state = TrainerState(
+            global_batch=self.sampler.global_batch,
+            world_size=accelerator.num_processes,
+            training=config.training_dict(),
+            model_shape=workload.model_shape(config, data),
+            data_fingerprint=data.fingerprint(),
+        )
+        self.score = workload.evaluator(accelerator, config, data, placement)
+        torch.manual_seed(config.seed)  # ...and again before building the model (fit seeds before the data)
+        model = workload.build_model(config, data)
+        optimizer = build_optimizer(config, model)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, train_loader)
+        self.step = Step(self)
+
+    def open_log(self, resume_step: int | None = None) -> MetricsLogger:
+        """metrics.jsonl and the log lines, continued after ``resume_step`` when resuming."""
+        config = self.config
+        self.logger = MetricsLogger(self.accelerator, config.output_dir, config.epochs, config.progress, resume_step)
+        self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)
+        return self.logger
+
+    def start_epoch(self) -> None:
+        state, hooks = self.state, self.hooks
+        if state.epoch_seed is None:
+            if hooks is not None:
+                hooks.before_epoch()
+            ahead = state.next_epoch_seed
+            state.epoch_seed, state.next_epoch_seed = (ahead if ahead is not None else draw_epoch_seed()), None
+        # The next epoch's seed is drawn now, so the sampler can shuffle its order while this epoch trains
+        # (on a GPU the shuffle would otherwise leave the device idle: ~16 ns a sample on the host). Nothing
+        # between here and the next epoch draws from the global RNG, so the seeds are the book's.
+        if state.next_epoch_seed is None and state.epoch + 1 < self.config.epochs:
+            state.next_epoch_seed = draw_epoch_seed()
+        check_processes_agree(self.accelerator, state)
+        self.sampler.start_epoch(state.epoch_seed, state.samples_in_epoch, state.next_epoch_seed)
+
+    def train_epoch(self) -> float | None:
+        """Train on this epoch's batches (the rest of them when resuming); return the last logged loss.
+        On a stop signal, checkpoint after the step all processes agree on and raise Interrupted."""
+        self.start_epoch()
+        accelerator, state, config, logger, stops = self.accelerator, self.state, self.config, self.logger, self.stops
+        hooks, step, log_every = self.hooks, self.step, self.log_every
+        steps_per_epoch = self.sampler.steps_per_epoch
+        logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
+        self.model.train()
+        # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
+        # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
+        window = self.window = LossWindow()
+        last_loss = None
+        for inputs, targets in self.loader:
+            if not step(inputs, targets, state):
+                continue
+            state.finish_step()
+            logger.advance()
+            if hooks is not None:
+                hooks.after_step(state.global_step, lambda: stops.signum)
+            stop_signal = stops.agreed(accelerator)
+            # The last step of an epoch is checkpointed after the epoch's evaluation instead.
+            checkpoint_due = config.checkpoint_every and state.global_step % config.checkpoint_every == 0
+            # A log window must not straddle a checkpoint: a resumed run has lost the losses before it.
+            window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch
+            if window_ends or checkpoint_due or stop_signal:
+                last_loss = self.log_window(step.lr)
+            if hooks is not None:
+                hooks.after_log(state.global_step)
+            if stop_signal or (checkpoint_due and state.step_in_epoch < steps_per_epoch):
+                path = self.checkpointer.save(state)
+                window.restart()
+            if stop_signal:
+                finish_checkpoint(accelerator)
+                stopped = interrupted(accelerator, stop_signal, path, state, config.epochs)
+                # No process exits before the checkpoint is published and said: mpirun kills the others
+                # ~0.25 s after the first one exits.
+                accelerator.wait_for_everyone()
+                raise stopped
+        logger.end_epoch()
+        return last_loss
+
+    def log_window(self, lr: float) -> float:
+        """Log the mean loss over processes and over the steps since the last log line; return it."""
+        accelerator, config, window = self.accelerator, self.config, self.window
+        loss = accelerator.reduce(torch.stack(window.losses).sum(), "mean").item() / window.micro_steps
+        if not math.isfinite(loss):  # read here, where it costs no extra wait on the device
+            first = self.state.global_step - window.micro_steps // accelerator.gradient_accumulation_steps + 1
+            raise self.diverged(loss, f"in steps {first}-{self.state.global_step}")
+        samples_per_s = window.micro_steps * config.batch_size * accelerator.num_processes / window.seconds()
+        self.logger.log({
+            "kind": "step", "epoch": self.state.epoch + 1, "step": self.state.global_step, "loss": loss, "lr": lr,
+            "samples_per_s": samples_per_s, **self.job.workload.throughput(samples_per_s, config),
+        })  # fmt: skip
+        window.restart()
+        return loss
+
+
+    def check_finite(self, metrics: dict[str, dict[str, Any]] | None) -> None:
+        """Weights that an epoch's last steps made non-finite show in its evaluation, before its checkpoint."""
+        state = self.state
+        for split, figures in (metrics or {}).items():
+            loss = figures.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise self.diverged(loss, f"on the {split} data after epoch {state.epoch} (step {state.global_step})")
+
+    def diverged(self, loss: float, where: str) -> ToyaccelError:
+        """The one line of a run whose loss stopped being a number: raised before the step is logged or
+        checkpointed, so the checkpoints on disk all hold finite weights."""
+        config = self.config
+        remedy = f"lower --lr (now {config.lr:g})"
+        if self.job.advice.clipping:
+            remedy += " or clip gradients with --max-grad-norm (e.g. 1.0)" if not config.max_grad_norm else (
+                f" or --max-grad-norm (now {config.max_grad_norm:g})")  # fmt: skip
+        wait_for_checkpoint()
+        kept = checkpoint_dirs(config.output_dir)
+        saved = f"the newest checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+        return ToyaccelError(
+            f"the training loss became {loss} {where}: training diverged; {remedy} ({saved})", every_process=True
+        )
+
+
+class LossWindow:
+    """The training losses since the last log line, kept on the device (a long window holds one tensor
+    per FOLD_LOSSES steps), and when the window started."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.micro_steps, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss)
+        self.micro_steps += 1
+        if len(self.losses) == FOLD_LOSSES:
+            self.losses = [torch.stack(self.losses).sum()]
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def restart(self) -> None:
+        self.losses.clear()
+        self.micro_steps, self.started = 0, time.perf_counter()
+
+
+class Step:
+    """One micro-step: forward, loss, backward; on the micro-step that completes an optimizer step also
+    clipping, the scheduled learning rate and the optimizer step. Calling it returns whether it stepped."""
+
+    def __init__(self, trainer: Trainer):
+        accelerator, config, workload = trainer.accelerator, trainer.config, trainer.job.workload
+        self.accelerator, self.model, self.trainer = accelerator, trainer.model, trainer
+        self.stepper = stepper = optimizer_to_step(accelerator, trainer.optimizer)
+        # accumulate() and accelerator.backward() cost ~20 us a step each (15% of the book MLP's step at
+        # batch 256). With one micro-step per optimizer step and a directly stepped optimizer (no scaler,
+        # no XLA) they only count micro-steps and divide the loss by 1, so the loop skips them: same bits.
+        plain = stepper is not trainer.optimizer and accelerator.gradient_accumulation_steps == 1
+        plain = plain and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        self.micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
+        self.backward = stepper.backward if plain else accelerator.backward
+        self.loss = workload.loss
+        self.own_rng = own_random_stream if workload.uses_dropout(config) else None
+        self.seed, self.max_grad_norm = config.seed, config.max_grad_norm
+        self.config, self.total_steps = config, config.epochs * trainer.sampler.steps_per_epoch
+        self.micro_in_step, self.lr = 0, None
+
+    def __call__(self, inputs, targets, state: TrainerState) -> bool:
+        model, accelerator = self.model, self.accelerator
+        with self.micro_step(model):
+            if self.own_rng is None:
+                loss = self.loss(model(inputs), targets)
+            else:
+                with self.own_rng(self.seed, accelerator.process_index, state.global_step, self.micro_in_step):
+                    loss = self.loss(model(inputs), targets)
+            self.micro_in_step += 1
+            self.backward(loss)
+            self.trainer.window.add(loss.detach())
+            if not accelerator.sync_gradients:
+                return False
+            if self.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            stepper = self.stepper
+            self.lr = lr = learning_rate(self.config, state.global_step, self.total_steps)
+            for group in stepper.param_groups:
+                group["lr"] = lr
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
+        self.micro_in_step = 0
+        return True
+
+
+def interrupted(accelerator, signum: int, path, state: TrainerState, epochs: int):
+    """The one line a stopped run prints (on the main process) and the exception that ends it."""
+    name = signal.Signals(signum).name
+    message = (
+        f"interrupted by {name}: saved checkpoint {path} (epoch {state.epoch + 1}/{epochs}, step {state.global_step}); "
+        "to continue, run the same command with --resume latest"
+    )
+    say(accelerator, message)
+    return Interrupted(signum, message)

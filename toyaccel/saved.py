@@ -1,0 +1,43 @@
+"""A saved run read back: its config.json checked for its workload's model section, and its model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from toyaccel.engine.run_dir import read_config_json
+from toyaccel.errors import ToyaccelError
+from toyaccel.workloads import get_workload, workload_of_run
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    return read_config_json(run_dir, check=has_model_section)
+
+
+def has_model_section(saved: dict[str, Any]) -> None:
+    """Raises KeyError naming the first of the workload's model keys that config.json lacks."""
+    model_keys = get_workload(workload_of_run(saved)).MODEL_KEYS
+    [saved["model"][key] for key in model_keys]  # noqa: B018 - a KeyError names what is missing
+
+
+def load_model(run_dir: str | Path) -> torch.nn.Module:
+    """Rebuild a trained model (the MLP or the GPT) from ``model.safetensors`` and ``config.json``
+    (no pickle involved)."""
+    saved = read_run_config(run_dir)
+    try:
+        model = get_workload(workload_of_run(saved)).model_from_shape(saved["model"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise ToyaccelError(f"{Path(run_dir) / 'config.json'}: bad model section ({type(e).__name__}: {e})") from None
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except FileNotFoundError:
+        raise ToyaccelError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - truncated file, wrong keys or shapes: one line naming the file
+        raise ToyaccelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
