@@ -171,6 +171,7 @@ def uninterrupted(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(LAUNCHES))
 def test_a_signal_to_the_launcher_alone_ends_every_process_with_a_checkpoint(config, signalled, uninterrupted):
     root, jobs = signalled

@@ -436,6 +436,7 @@ TAMPERING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forged", [False, True], ids=["edited", "forged"])
 @pytest.mark.parametrize("tampering", TAMPERING)
 def test_a_tampered_state_is_damaged_skipped_and_nothing_is_set_aside(reference, tmp_path, capsys, tampering, forged):
