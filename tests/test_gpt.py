@@ -427,3 +427,32 @@ def test_a_padded_vocabulary_checkpoints_and_resumes_exactly(tmp_path):
     shutil.copytree(out, again)
     fit(output_dir=str(again), resume=str(again / "checkpoints" / first.name), **options)
     assert_weights_equal(weights(again), weights(out))
+
+
+def test_every_kind_of_text_run_evaluates_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Issue 21: a run on a text file saves no num_samples, and its evaluation read it (KeyError). A run on a
+    file, a folder of .txt files, and with --val-data, each given by a path relative to where it was trained:
+    evaluated from another directory, with no --data it reproduces results.json's val_loss, and any text file
+    evaluates it. (The synthetic run's: test_evaluate_reports_the_runs_validation_loss_and_a_text_file.)"""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(2):
+        (texts / f"part{i}.txt").write_text(synthetic_text(1500, seed=i).replace("o", "\n"))
+    (tmp_path / "val.txt").write_text(synthetic_text(600, seed=7))
+    (tmp_path / "other.txt").write_text(synthetic_text(600, seed=8))
+    tiny = (*TINY, "--vocab-size", "300", "--epochs", "1", "--batch-size", "8")
+    sources = {"file": ("--data", "texts/part0.txt"), "folder": ("--data", "texts"),
+               "val_data": ("--data", "texts/part1.txt", "--val-data", "val.txt")}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for name, args in sources.items():
+        assert train_here(tmp_path / "runs" / name, *tiny, *args) == 0, name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    for name in sources:
+        run = tmp_path / "runs" / name
+        assert evaluate_run(run)["loss"] == read_json(run / "results.json")["val_loss"], name
+        assert evaluate_main([str(run)]) == 0 and evaluate_main([str(run), "--data", str(tmp_path / "other.txt")]) == 0
+        out = capsys.readouterr().out
+        assert out.count("perplexity ") == 2 and f"evaluated on {tmp_path / 'other.txt'} (" in out, out

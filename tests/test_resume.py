@@ -602,8 +602,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(
     assert kept and [int(name[5:]) for name in kept] == list(range(len(kept), 0, -1))
     failed = out / "checkpoints" / f"step_{len(kept) + 1}"
     assert err.startswith(f"error: the disk is full: cannot write checkpoint {failed} (") and err.count("\n") == 1
-    advice = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
-    assert err.endswith(f"; {advice}\n")
+    conventions = "the checkpoints before it are whole: make room, then run the same command with --resume latest"
+    assert err.endswith(f"; {conventions}\n")
     for path in checkpoint_dirs(out):
         verify_checkpoint(path)
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # its space is freed

@@ -5,17 +5,24 @@ checkpoints and resuming on two machines are in test_resume.py, next to the runs
 from __future__ import annotations
 
 import configparser
+import json
 import os
+import signal
+import subprocess
+import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch
+from conftest import REPO, accelerate_launch, assert_weights_equal, read_json, subprocess_env, weights
 from packaging.requirements import Requirement
 
 from toyaccel import fit
+from toyaccel.cli import train_main
 from toyaccel.engine.checkpoint import TrainerState, checkpoint_dirs, write_manifest
 from toyaccel.engine.resume import verify_checkpoint
+from toyaccel.engine.run_dir import existing_run_files
 from toyaccel.errors import ToyaccelError
 
 
@@ -90,3 +97,156 @@ def test_the_last_checkpoint_is_in_place_when_training_returns(tmp_path):
     result = fit(output_dir=str(out), epochs=3, keep_last=1, progress=False, plot=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{result.global_step}"]
     assert verify_checkpoint(out / "checkpoints" / f"step_{result.global_step}").global_step == result.global_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 21: every file of a run inside its folder, --overwrite removes only toyaccel's, a run that fails
+# before its first step leaves nothing behind, --resume auto after a crash before the first checkpoint
+
+QUICK = ("--no-progress", "--no-plot")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, *args: str) -> str:
+    capsys.readouterr()
+    assert train_main([*QUICK, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_an_empty_or_root_output_dir_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """--output-dir '' used to write config.json, model.safetensors and results.json into / and the
+    checkpoints, metrics.jsonl and .launch into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    in_root = [Path("/", name) for name in ("config.json", "model.safetensors", "results.json")]
+    root_before = [p.stat().st_mtime_ns if p.exists() else None for p in in_root]  # another run may have left some
+    for empty in ("", "  "):
+        message = f"error: --output-dir {empty!r} is empty: name the folder the run's files go to, e.g. runs/mine"
+        assert refused(capsys, "--output-dir", empty) == message
+    for root in ("/", f"{tmp_path}/" + "/".join([".."] * len(tmp_path.parts))):
+        assert refused(capsys, "--output-dir", root) == (
+            f"error: --output-dir {root} is the filesystem root: name a folder of the run's own, e.g. /runs/mine"
+        )
+    with pytest.raises(ToyaccelError, match="is empty"):
+        fit(output_dir="", epochs=1, progress=False, plot=False)
+    assert list(tmp_path.iterdir()) == []
+    assert [p.stat().st_mtime_ns if p.exists() else None for p in in_root] == root_before
+
+
+def test_overwrite_removes_only_what_toyaccel_wrote(tmp_path, capsys):
+    """A folder with files of toyaccel's names that is no toyaccel run (another tool's config.json and logs)
+    is refused, with --overwrite or without, naming what is there; a toyaccel run is replaced."""
+    other_tool = tmp_path / "app"
+    (other_tool / "logs").mkdir(parents=True)
+    (other_tool / "config.json").write_text('{"name": "my app"}\n')
+    (other_tool / "logs" / "app.log").write_text("started\n")
+    no_config = tmp_path / "notes"
+    (no_config / "logs").mkdir(parents=True)
+    (no_config / "logs" / "notes.txt").write_text("mine\n")
+    before = {folder: snapshot(folder) for folder in (other_tool, no_config)}
+    for folder, why, found in (
+        (other_tool, "its config.json is not a toyaccel run's", "config.json, logs"),
+        (no_config, "no config.json", "logs"),
+    ):
+        for flags in (("--overwrite",), ()):
+            assert refused(capsys, "--output-dir", str(folder), *flags) == (
+                f"error: {folder} holds {found} but is not a toyaccel run ({why}): toyaccel neither writes over "
+                "nor removes them (--overwrite included); choose another --output-dir"
+            )
+    assert {folder: snapshot(folder) for folder in before} == before
+
+    run = tmp_path / "run"
+    fit(output_dir=str(run), epochs=1, progress=False, plot=False)
+    (run / "notes.txt").write_text("not toyaccel's: kept\n")
+    capsys.readouterr()
+    assert train_main([*QUICK, "--output-dir", str(run), "--overwrite", "--lr", "0.1"]) == 0
+    assert read_json(run / "config.json")["config"]["lr"] == 0.1 and (run / "notes.txt").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_a_later_run_trips_on(tmp_path, monkeypatch):
+    """An error inside the first optimizer step (as an overflowing --lr or running out of memory): the
+    folder holds none of the run's files, so the same command runs again without --overwrite. The run's
+    files are written once the first step is done; an error later leaves a run that --resume continues."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("TOYACCEL_FAULT", "raise:1")
+    with pytest.raises(RuntimeError, match="an error inside optimizer step 1"):
+        fit(output_dir=str(out), epochs=1, progress=False, plot=False)
+    assert existing_run_files(out) == [] and not (out / ".launch").exists()
+    monkeypatch.setenv("TOYACCEL_FAULT", "raise:2")
+    with pytest.raises(RuntimeError, match="an error inside optimizer step 2"):
+        fit(output_dir=str(out), epochs=1, progress=False, plot=False)
+    assert existing_run_files(out) == ["config.json", "metrics.jsonl"]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    monkeypatch.delenv("TOYACCEL_FAULT")
+    assert fit(output_dir=str(out), epochs=1, progress=False, plot=False, resume="auto").global_step == 2
+
+
+def train_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """scripts/train.py run from ``cwd``, so that relative paths are relative to it."""
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *QUICK, *args]
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=240)
+
+
+def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_afresh(tmp_path):
+    """The Slurm job script's --resume auto, for a job preempted before its first checkpoint: the folder holds
+    config.json and metrics.jsonl of the same run, so it starts over there, and ends with the weights of an
+    uninterrupted run. A CSV run: config.json leaves out the options it does not save (val_fraction 0,
+    num_samples) and records the data's path absolute, where the command gave it relative."""
+    rows = [f"{i % 7 * 0.5},{i % 3 - 1},{i % 2}" for i in range(24)]
+    (tmp_path / "rows.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    args = ("--data", "rows.csv", "--epochs", "2", "--batch-size", "4")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    proc = train_in(tmp_path, *args, "--output-dir", str(reference))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train_in(tmp_path, *args, "--output-dir", str(killed), env={"TOYACCEL_FAULT": "step:1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not checkpoint_dirs(killed) and (killed / "config.json").exists()
+    assert read_json(killed / "config.json")["config"]["data"] == str(tmp_path / "rows.csv")
+
+    # A folder holding another run (another --lr) with no checkpoint is still refused.
+    before = snapshot(killed)
+    proc = train_in(tmp_path, *args, "--output-dir", str(killed), "--resume", "auto", "--lr", "0.1")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {killed} already holds a run"), proc.stderr
+    assert snapshot(killed) == before
+
+    proc = train_in(tmp_path, *args, "--output-dir", str(killed), "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_weights_equal(weights(killed), weights(reference))
+    logged = [[(r["kind"], r["step"], r.get("loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
+              for run in (killed, reference)]  # fmt: skip
+    assert logged[0] == logged[1]  # the killed attempt's line of step 1 once, not twice
+
+
+def test_a_run_records_what_it_used_and_evaluates_from_anywhere(tmp_path, monkeypatch, capsys):
+    """config.json records the data's path absolute (the command gave it relative), log_every and tf32 as
+    used (not 0 for "auto", not TF32 on a CPU); the checkpoint's state no num_samples for a CSV run. From
+    another directory, evaluate rebuilds the validation rows; on a config.json edited to name a file that is
+    not data it names the file and quotes none of it."""
+    from toyaccel.cli import evaluate_main
+    from toyaccel.inference import evaluate_run
+
+    rows = [f"{i % 7 * 0.5},{i % 3 - 1},{i % 2}" for i in range(40)]
+    (tmp_path / "rows.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    fit(data="rows.csv", val_fraction=0.25, epochs=1, batch_size=5, output_dir="run", progress=False, plot=False)
+    run = tmp_path / "run"
+    saved = read_json(run / "config.json")
+    assert saved["config"]["data"] == str(tmp_path / "rows.csv")
+    assert (saved["config"]["log_every"], saved["config"]["tf32"]) == (1, False)  # 6 steps an epoch: 6 // 10 -> 1
+    training = read_json(checkpoint_dirs(run)[0] / "trainer_state.json")["training"]
+    assert training["data"] == "rows.csv" and "num_samples" not in training and "num_features" not in training
+
+    monkeypatch.chdir(tmp_path.parent)
+    assert evaluate_run(run)["loss"] == read_json(run / "results.json")["val_loss"]
+    saved["config"]["data"] = "/etc/passwd"
+    (run / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert evaluate_main([str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run / 'config.json'}: the run's data (/etc/passwd) no longer reads as the rows it was trained on "
+        "(changed, replaced, or config.json edited); pass --data FILE.csv to evaluate on a file\n"
+    )

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads import get_workload, workload_names
 
@@ -60,6 +62,11 @@ SECTIONS = {
                   "warmup_steps", "max_grad_norm"),
 }  # fmt: skip
 DATA_PLACEMENTS = ("auto", "device", "host")
+# torch.manual_seed takes 0..2**64-1, and the synthetic text seeds a second generator with seed + 1.
+MAX_SEED = 2**64 - 2
+# The optimizers compute in float32: a larger rate overflows in their first step.
+MAX_LR = 3.4028234663852886e38
+WORKERS_PER_CORE = 4  # DataLoader workers beyond this many per core only wait for a CPU
 
 
 def _opt(default: Any, help: str, **extra: Any):
@@ -245,13 +252,25 @@ class TrainConfig:
             raise ToyaccelError(f"weight_decay must be 0 or positive, got {self.weight_decay}")
         if self.lr is None or not (math.isfinite(self.lr) and self.lr > 0):
             raise ToyaccelError(f"lr must be a positive number, got {self.lr}")
+        if self.lr > MAX_LR:
+            raise ToyaccelError(f"lr must be at most {MAX_LR:.4g} (float32's largest number), got {self.lr:g}")
+        check_seed(self.seed, "seed")
+        most_workers = WORKERS_PER_CORE * (os.cpu_count() or 1)
+        if self.num_workers > most_workers:
+            raise ToyaccelError(
+                f"num_workers must be at most {most_workers} ({WORKERS_PER_CORE} x the {os.cpu_count() or 1} "
+                f"cores of this machine), got {self.num_workers}"
+            )
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ToyaccelError(f"max_grad_norm must be 0 (off) or positive, got {self.max_grad_norm}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ToyaccelError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction and self.val_data:
             raise ToyaccelError("give either val_data or val_fraction, not both")
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir)
         self.validate_workload()
+        check_fits(training_memory(self), "the model and data")
 
     def validate_workload(self) -> None:
         other_family = MLP_OPTIONS if self.model == "gpt" else GPT_OPTIONS
@@ -278,12 +297,77 @@ class TrainConfig:
         return d
 
     def training_dict(self) -> dict[str, Any]:
+        """The training fields that take part in this run (a CSV run has no num_samples): what a checkpoint
+        records and must match."""
         d = self.to_dict()
-        return {name: d[name] for name in self.TRAINING_FIELDS}
+        return {name: d[name] for name in self.TRAINING_FIELDS if option_applies(name, d)}
 
     def replace(self, **changes: Any) -> TrainConfig:
         unset = {name: None for name in getattr(self, "_defaulted", ()) if name not in changes}
         return dataclasses.replace(self, **unset, **changes)
+
+
+def check_seed(value: int, name: str) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ToyaccelError(f"{name} must be in 0..{MAX_SEED}, got {value}")
+
+
+def check_count(name: str, value: Any, least: int) -> None:
+    """A size read from a file (config.json): an int, at least ``least``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ToyaccelError(f"{name} must be int, got {value!r}")
+    if value < least:
+        raise ToyaccelError(f"{name} must be at least {least}, got {value}")
+
+
+def mlp_parameters(num_inputs: int, hidden: tuple[int, ...], num_outputs: int) -> int:
+    sizes = [num_inputs, *hidden, num_outputs]
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+
+
+def gpt_parameters(config: TrainConfig) -> int:
+    emb, vocab = config.emb_dim, config.vocab_size + -config.vocab_size % 64  # padded rows (workloads.gpt)
+    block = 12 * emb * emb + 13 * emb + (3 * emb if config.qkv_bias else 0)
+    return 2 * vocab * emb + config.context_length * emb + config.n_layers * block + 2 * emb
+
+
+def training_memory(config: TrainConfig) -> int:
+    """Bytes a run needs at the least: float32 parameters, their gradients and AdamW's two moments, and the
+    synthetic data (the GPT's text is made through Python lists, ~56 bytes a character). Activations and
+    a file's data are left out: a lower bound, so that a refusal is never wrong."""
+    if config.model not in WORKLOAD_DEFAULTS:
+        return 0  # a workload registered from outside toyaccel: nothing here knows its size
+    copies = 4 if config.optimizer == "adamw" else 2
+    synthetic = config.data == "synthetic"
+    if config.model == "gpt":
+        parameters = gpt_parameters(config)
+        data = 56 * config.num_samples if synthetic else 0
+    else:
+        num_inputs = config.num_features if synthetic else 2 if config.data == "toy" else 1
+        parameters = mlp_parameters(num_inputs, config.hidden, config.num_classes or 2)
+        data = config.num_samples * (2 * 4 * config.num_features + 8) if synthetic else 0
+    return 4 * parameters * copies + data
+
+
+def machine_memory() -> int | None:
+    """This machine's memory in bytes (not what is free now: a busy moment must not refuse a run)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def in_bytes(n: float) -> str:
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def check_fits(needed: int, what: str) -> None:
+    total = machine_memory()
+    if total and needed > total:
+        raise ToyaccelError(f"{what} need at least {in_bytes(needed)}, this machine has {in_bytes(total)} of memory")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:
@@ -315,19 +399,53 @@ def parse_names(value: Any) -> tuple[str, ...]:
 def applicable_options(config: TrainConfig) -> dict[str, Any]:
     """The options that take part in this run: unset ones and those of another data source left out.
     What the start-up line prints and config.json keeps."""
-    csv_only = ("label_column", "ignore_columns")
-    synthetic_only = ("num_samples", "num_features")
-    other_family = MLP_OPTIONS if config.model == "gpt" else GPT_OPTIONS
+    options = config.to_dict()
+    return {name: value for name, value in options.items() if option_applies(name, options) and not unset(name, value)}
 
-    def applies(name: str, value: Any) -> bool:
-        unset = value is None or value == [] or value == "" or (name == "val_fraction" and not value)
-        if unset or name in other_family:
-            return False
-        if name in csv_only:
-            return config.data not in ("toy", "synthetic")
-        return name not in synthetic_only or config.data == "synthetic"
 
-    return {name: value for name, value in config.to_dict().items() if applies(name, value)}
+def option_applies(name: str, options: dict[str, Any]) -> bool:
+    """Whether option ``name`` takes part in the run ``options`` describe: not one of the other model's,
+    nor one of another data source's (num_samples is the synthetic data's, label_column a CSV's)."""
+    other_family = MLP_OPTIONS if options.get("model") == "gpt" else GPT_OPTIONS
+    if name in other_family:
+        return False
+    if name in ("label_column", "ignore_columns"):
+        return options.get("data") not in ("toy", "synthetic")
+    return name not in ("num_samples", "num_features") or options.get("data") == "synthetic"
+
+
+def unset(name: str, value: Any) -> bool:
+    return value is None or value == [] or value == "" or (name == "val_fraction" and not value)
+
+
+def with_absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the --data and --val-data paths made absolute (relative ones are relative to the
+    current directory): config.json records them so, and a run evaluates from anywhere."""
+    resolved = dict(options)
+    for name in ("data", "val_data"):
+        value = resolved.get(name)
+        if isinstance(value, str) and value and not (name == "data" and value in ("toy", "synthetic")):
+            resolved[name] = os.path.abspath(value)
+    return resolved
+
+
+def run_identity(options: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run, from a config.json's ``config`` section or a TrainerState's
+    ``training``, both normalised alike: the training options that apply and are set, data paths absolute
+    (a config.json saved with relative ones is read from the current directory, where a job runs again)."""
+    same = {name: value for name, value in options.items() if name in TrainConfig.TRAINING_FIELDS}
+    return with_absolute_paths({k: v for k, v in same.items() if option_applies(k, same) and not unset(k, v)})
+
+
+def check_output_dir(path: str) -> None:
+    """Every file of a run goes inside its own folder: an empty name would put them in the current
+    directory and the filesystem root, the root would mix them with the system's."""
+    if not path.strip():
+        raise ToyaccelError(f"--output-dir {path!r} is empty: name the folder the run's files go to, e.g. runs/mine")
+    if Path(path).resolve() == Path(Path(path).resolve().anchor):
+        raise ToyaccelError(
+            f"--output-dir {path} is the filesystem root: name a folder of the run's own, e.g. /runs/mine"
+        )
 
 
 def flag(name: str) -> str:
@@ -342,6 +460,7 @@ def field_names() -> list[str]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file: keys are TrainConfig fields (dashes or underscores)."""
     path = Path(path)
+    require_regular_file(path)
     try:
         text = path.read_text()
     except OSError as e:

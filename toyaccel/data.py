@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from toyaccel.config import TrainConfig
+from toyaccel.config import TrainConfig, check_fits, require_regular_file
 from toyaccel.errors import ToyaccelError
 
 # The book's Appendix A data (listing A.9.2).
@@ -201,6 +201,8 @@ def read_table(
         if clash:
             raise ToyaccelError(f"{path}: --ignore-columns names {clash}, which the model takes as features")
     columns = Columns(header, feature_names, label_column, keep)
+    # numpy holds every cell as a float32 (4 bytes for a cell of at least 2, "1,"), and the text it reads.
+    check_fits(2 * Path(path).stat().st_size, f"{path}: its values")
     try:
         table = read_fast(path, header_row, columns)
     except (ValueError, OSError):  # numpy's message has no spreadsheet row or column name: scan to word it
@@ -357,8 +359,9 @@ def scan_rows(path: str, limit: int | None = None) -> list[tuple[int, list[str]]
     """The header row and (up to ``limit`` rows in all) the non-blank data rows, each with its row number,
     after checking that the file exists, reads as CSV, has a well-named header and a data row."""
     p = Path(path)
-    if not path or not p.is_file():
-        raise ToyaccelError(f"{path or repr(path)}: {'no such file' if not path or not p.exists() else 'not a file'}")
+    if not path or not p.exists():
+        raise ToyaccelError(f"{path or repr(path)}: no such file")
+    require_regular_file(p)
     rows = []
     try:
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which would

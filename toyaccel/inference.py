@@ -134,7 +134,20 @@ def run_validation_set(run: SavedRun) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild the run's validation rows from its saved options, unscaled (the saved scaling is applied after)."""
     options = {k: v for k, v in run.saved.get("config", {}).items() if k in TrainConfig.TRAINING_FIELDS}
     config = build_config(None, **{**options, "standardize": False})
-    bundle = load_data(config)
+    saved = Path(run.run_dir) / "config.json"
+    for path in (config.data, config.val_data):
+        if path and path not in ("toy", "synthetic") and not Path(path).exists():
+            raise ToyaccelError(f"{saved}: the run's data {path} is gone (moved or deleted); pass --data FILE.csv")
+    try:
+        bundle = load_data(config)
+    except ToyaccelError:
+        # The files config.json names may be anything by now (an edited config.json can name /etc/passwd):
+        # what they hold is not quoted, as the messages about a user's own --data do.
+        files = " and ".join(p for p in (config.data, config.val_data) if p and p not in ("toy", "synthetic"))
+        raise ToyaccelError(
+            f"{saved}: the run's data ({files}) no longer reads as the rows it was trained on (changed, replaced, "
+            "or config.json edited); pass --data FILE.csv to evaluate on a file"
+        ) from None
     if bundle.val is None:
         raise ToyaccelError(
             f"{run.run_dir} was trained without validation data; pass --data toy or --data FILE.csv to evaluate"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from toyaccel.config import TrainConfig, applicable_options
+from toyaccel.config import TrainConfig, applicable_options, run_identity, with_absolute_paths
 from toyaccel.engine.run import RunResult, train
 from toyaccel.engine.run_dir import default_output_dir
-from toyaccel.engine.trainer import Advice
+from toyaccel.engine.trainer import Conventions
+from toyaccel.saved import read_run_config
 from toyaccel.workloads import get_workload
 
 # Options the start-up line's data description already says.
@@ -23,5 +24,11 @@ def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
         # Chosen before the process group forms: no process creates it before every process has chosen.
         config = config.replace(output_dir=default_output_dir(config.data, resuming=config.resume is not None))
     # A diverging GPT may want its gradients clipped; the book's MLP never clips.
-    advice = Advice(said=DESCRIBED_OPTIONS, clipping=config.model == "gpt")
-    return train(config, get_workload(config.model), applicable_options(config), advice)
+    conventions = Conventions(
+        said=DESCRIBED_OPTIONS,
+        clipping=config.model == "gpt",
+        identity=run_identity,
+        read_run=read_run_config,
+        recorded=with_absolute_paths,
+    )
+    return train(config, get_workload(config.model), applicable_options(config), conventions)

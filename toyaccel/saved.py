@@ -8,19 +8,27 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from toyaccel.config import TrainConfig, build_config
 from toyaccel.engine.run_dir import read_config_json
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads import get_workload, workload_of_run
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    return read_config_json(run_dir, check=has_model_section)
-
-
-def has_model_section(saved: dict[str, Any]) -> None:
-    """Raises KeyError naming the first of the workload's model keys that config.json lacks."""
-    model_keys = get_workload(workload_of_run(saved)).MODEL_KEYS
-    [saved["model"][key] for key in model_keys]  # noqa: B018 - a KeyError names what is missing
+    """A saved run's config.json, checked as options are: it is input like any other (and may have been
+    edited). Every problem is one line naming the file and the key."""
+    saved = read_config_json(run_dir)
+    path = Path(run_dir) / "config.json"
+    try:
+        options = saved.get("config", {})
+        build_config(None, **{k: v for k, v in options.items() if k in TrainConfig.TRAINING_FIELDS})
+    except ToyaccelError as e:
+        raise ToyaccelError(f"{path}: config: {e}") from None
+    try:
+        get_workload(workload_of_run(saved)).check_run_description(saved)
+    except ToyaccelError as e:
+        raise ToyaccelError(f"{path}: {e}") from None
+    return saved
 
 
 def load_model(run_dir: str | Path) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from toyaccel.config import in_bytes, machine_memory, require_regular_file
 from toyaccel.errors import ToyaccelError
 
 # The synthetic text's alphabet: a first-order Markov chain over these characters.
@@ -43,9 +44,22 @@ def read_text(source: str) -> str:
     if not files:
         raise ToyaccelError(f"{source}: a folder without .txt files")
     texts = []
+    # The bytes, their decoded text and the text joined: three copies at once. Reading at most what fits
+    # stops a file that grows, or says less than it holds, as well as a large one.
+    room = (machine_memory() or 2**63) // 3
     for f in files:
+        require_regular_file(f)
         try:
-            texts.append(f.read_bytes().decode("utf-8"))
+            with open(f, "rb") as stream:
+                fits = os.fstat(stream.fileno()).st_size <= room
+                raw = stream.read(room + 1) if fits else b""
+            room -= len(raw)
+            if not fits or room < 0:
+                raise ToyaccelError(
+                    f"{f}: too large to read: the text of {source} would need more than this machine's "
+                    f"{in_bytes(machine_memory() or 0)} of memory"
+                )
+            texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ToyaccelError(f"{f}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
         except OSError as e:

@@ -98,7 +98,7 @@ class PreparedLoop:
 
     @model.setter
     def model(self, model):
-        self.trainer.model = self.trainer.step.model = model
+        self.trainer.use_model(model)
 
     @property
     def loader(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import accelerate
 import torch
@@ -21,7 +22,7 @@ def build_accelerator(config) -> accelerate.Accelerator:
     # A multi-process launch on a machine without CUDA would otherwise give N processes that each
     # see DistributedType.NO and train alone; on CPU they form one gloo world instead.
     multi_process = launched_world_size() > 1
-    project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs")
+    project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs"))
     try:
         # Looked up at call time, so tests/allreduce_probe.py can substitute its own Accelerator.
         accelerator = accelerate.Accelerator(

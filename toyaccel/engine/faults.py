@@ -2,7 +2,8 @@
 
 ``TOYACCEL_FAULT=step:K`` kills the process right after optimizer step K (before any checkpoint of
 that step); ``TOYACCEL_FAULT=checkpoint:K`` kills it while checkpoint K is half written.
-``TOYACCEL_FAULT=stall:K`` makes the process wait after optimizer step K until it is sent a stop
+``TOYACCEL_FAULT=raise:K`` raises an error inside optimizer step K, as an overflow or running out of
+memory would. ``TOYACCEL_FAULT=stall:K`` makes the process wait after optimizer step K until it is sent a stop
 signal (so a test can interrupt a short run mid-epoch); ``TOYACCEL_FAULT=rng-drift`` makes it draw
 one extra random number before its first epoch, as a rank whose random stream went astray would.
 ``TOYACCEL_FAULT_RANK`` picks the process (default: every process). Under an elastic launcher the
@@ -51,6 +52,11 @@ class FaultHooks:
         """Before an epoch's seed is drawn: rng-drift."""
         if _fault_here("rng-drift", None, self.process_index):
             torch.rand(1)
+
+    def before_step(self, global_step: int) -> None:
+        """Before each micro-step of optimizer step ``global_step`` (1-based): raise:K."""
+        if _fault_here("raise", global_step, self.process_index):
+            raise RuntimeError(f"TOYACCEL_FAULT: an error inside optimizer step {global_step}")
 
     def after_step(self, global_step: int, signalled: Callable[[], int]) -> None:
         """After an optimizer step, before the processes agree on stopping: stall:K."""

@@ -19,13 +19,14 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
         self.bar = None
         self.show_progress = progress and accelerator.is_main_process and sys.stderr.isatty()
+        self.file_started = False
         if accelerator.is_main_process:
             self.history = self._continue_history(resume_step)
 
     def _continue_history(self, resume_step: int | None) -> list[dict[str, Any]]:
-        """Keep what was logged up to the checkpoint; drop what a crashed attempt logged after it."""
+        """Keep what was logged up to the checkpoint; drop what a crashed attempt logged after it (once the
+        file is started: see start_file)."""
         if resume_step is None or not self.path.exists():
-            self.path.write_text("")
             return []
         kept = []
         for line in self.path.read_text().splitlines():
@@ -35,8 +36,14 @@ class MetricsLogger:
                 continue  # a line cut short by the crash
             if record.get("step", 0) <= resume_step:
                 kept.append(record)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
+
+    def start_file(self) -> None:
+        """Write the file as this run starts it: empty, or what a resumed run keeps. Not at start-up: the
+        training calls this after its first step, so that a run failing before leaves the file as it was."""
+        if self.accelerator.is_main_process and not self.file_started:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.file_started = True
 
     def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
         if self.show_progress:
@@ -56,6 +63,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
+        self.start_file()
         self.history.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,11 +204,12 @@ class ResumePlan:
         return TrainerState(**self.state) if self.state is not None else None
 
 
-def plan_resume(config, expected: TrainerState, steps_per_epoch: int | None = None, say=print) -> ResumePlan:
+def plan_resume(config, expected: TrainerState, steps_per_epoch: int | None, say, identity=dict) -> ResumePlan:
     """Decide where to start, on the main process only (see on_main_process): every process then follows
     the same plan. ``config.resume``: None, 'latest', 'auto' or a checkpoint folder; ``expected``: this
     run's state at step 0, which a checkpoint must match; ``steps_per_epoch``: this run's, which a
-    checkpoint's position must agree with. Raises ToyaccelError before anything is written."""
+    checkpoint's position must agree with; ``identity``: what of a run's training options makes it the same
+    run (toyaccel.config.run_identity). Raises ToyaccelError before anything is written."""
     output_dir, resume = config.output_dir, config.resume
     # An elastic restart of the launch that owns the folder carries on in it.
     restarted = resume is None and restart_of_owning_launch(output_dir)
@@ -229,7 +231,7 @@ def plan_resume(config, expected: TrainerState, steps_per_epoch: int | None = No
                 )
             # An elastic restart or a requeued job before its first checkpoint starts over in its folder;
             # --resume auto still refuses a folder that holds another run.
-            return ResumePlan(resuming=restarted or same_run_in(output_dir, expected))
+            return ResumePlan(resuming=restarted or same_run_in(output_dir, expected, identity))
         path, state = found
     else:
         return ResumePlan()
@@ -261,10 +263,11 @@ def newest_complete_checkpoint(
     return None
 
 
-def same_run_in(output_dir: str, expected: TrainerState) -> bool:
-    """Whether ``output_dir`` holds a run with the same training settings (its config.json)."""
+def same_run_in(output_dir: str, expected: TrainerState, identity: Callable[[dict], Any]) -> bool:
+    """Whether ``output_dir`` holds a run with the same training settings (its config.json). config.json
+    keeps only the options that are set and apply, so both sides are compared as ``identity`` puts them."""
     try:
         saved = read_config_json(output_dir)["config"]
-        return {name: saved.get(name) for name in expected.training} == expected.training
-    except (ToyaccelError, KeyError, TypeError):
+        return identity(saved) == identity(expected.training)
+    except (ToyaccelError, KeyError, TypeError, AttributeError):
         return False

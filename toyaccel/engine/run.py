@@ -40,7 +40,7 @@ from toyaccel.engine.run_dir import (
     save_weights,
     write_json,
 )
-from toyaccel.engine.trainer import Advice, Trainer, TrainingJob
+from toyaccel.engine.trainer import Conventions, Trainer, TrainingJob
 from toyaccel.engine.workload import Workload
 
 
@@ -73,7 +73,7 @@ class RunResult:
         return {**self.metrics, **fields}
 
 
-def train(config, workload: Workload, options: dict[str, Any], advice: Advice | None = None) -> RunResult:
+def train(config, workload: Workload, options: dict[str, Any], conventions: Conventions | None = None) -> RunResult:
     """Read the data, build the Accelerator and run the training (see TrainingJob for the arguments);
     raises ToyaccelError on bad input, on every process, before anything is written."""
     torch.manual_seed(config.seed)  # the book seeds before building the loaders...
@@ -81,7 +81,7 @@ def train(config, workload: Workload, options: dict[str, Any], advice: Advice | 
     accelerator = build_accelerator(config)
     # From here on a stop signal is only noted, until the process is ready to exit: the training
     # loop turns it into a checkpoint, and a second one cannot cut that (or the teardown) short.
-    job = TrainingJob(config, workload, data, options, advice or Advice())
+    job = TrainingJob(config, workload, data, options, conventions or Conventions())
     with StopRequests() as stops, stop_when_launcher_ends(), FolderHold(config.output_dir) as hold:
         try:
             return run(Trainer(accelerator, job, stops), hold)
@@ -107,19 +107,19 @@ def run(trainer: Trainer, hold: FolderHold) -> RunResult:
     on_main_process(accelerator, hold.claim)
     hold.join()
     steps, tell = trainer.sampler.steps_per_epoch, functools.partial(say, accelerator)
-    plan = on_main_process(accelerator, plan_resume, config, trainer.state, steps, tell)
-    on_main_process(accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming)
-    if config.log_with:
-        accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
+    conventions = job.conventions
+    plan = on_main_process(accelerator, plan_resume, config, trainer.state, steps, tell, conventions.identity)
+    on_main_process(
+        accelerator, prepare_output_dir, config.output_dir, config.overwrite, plan.resuming, conventions.read_run
+    )
     state = trainer.state = start_or_resume(trainer, plan)
     launch_ids = gather_object([launch_id()])
     if accelerator.is_main_process:
-        write_json(f"{config.output_dir}/config.json", run_description(trainer))
-        job.workload.save_extras(config.output_dir, job.data)
-        claim_for_this_launch(config.output_dir, launch_ids)
         report_abandoned(accelerator, set_aside_abandoned(config.output_dir, state.global_step), state.global_step)
     logger = trainer.open_log(state.global_step if plan.resuming else None)
+    run_files = trainer.on_first_step = RunFiles(trainer, {"log_every": trainer.log_every, "tf32": tf32}, launch_ids)
     metrics, final_loss, samples_per_s = train_epochs(trainer)
+    run_files()
     result = RunResult(
         metrics=job.workload.result_metrics(metrics, samples_per_s, config),
         train_loss=metrics["train"]["loss"],
@@ -163,6 +163,30 @@ def train_epochs(trainer: Trainer) -> tuple[dict[str, dict[str, Any]], float | N
     return metrics, final_loss, samples_trained / train_seconds if train_seconds else 0.0
 
 
+class RunFiles:
+    """What makes the folder hold this run, written once its first optimizer step is done (or, resumed
+    after the last one, before its outputs): a run that fails before (an overflow, out of memory, a kill)
+    leaves nothing a later run into the folder trips on, and no cleanup that could fail itself. ``used``:
+    the options resolved at run time (--log-every 0 is "auto", TF32 is off on a CPU)."""
+
+    def __init__(self, trainer: Trainer, used: dict[str, Any], launch_ids: list[str]):
+        self.trainer, self.used, self.launch_ids, self.written = trainer, used, launch_ids, False
+
+    def __call__(self) -> None:
+        if self.written:
+            return
+        self.written = True
+        trainer = self.trainer
+        accelerator, config, job = trainer.accelerator, trainer.config, trainer.job
+        if accelerator.is_main_process:  # config.json first: it is what marks a folder as a toyaccel run's
+            write_json(Path(config.output_dir) / "config.json", run_description(trainer, self.used))
+            if config.log_with:
+                accelerator.init_trackers("toyaccel", config={k: str(v) for k, v in config.to_dict().items()})
+            job.workload.save_extras(config.output_dir, job.data)
+            claim_for_this_launch(config.output_dir, self.launch_ids)
+            trainer.logger.start_file()
+
+
 def epoch_record(state, metrics: dict[str, dict[str, Any]], workload: Workload) -> dict[str, Any]:
     return {"kind": "epoch", "epoch": state.epoch, "step": state.global_step, **workload.epoch_fields(metrics)}
 
@@ -196,7 +220,7 @@ def describe(trainer: Trainer, device_details: str = "") -> str:
     """One line, printed once, that says what this run is: where it runs (on a GPU: TF32, where the data
     lives), the data as read, where its files go and the options that apply."""
     accelerator, config, job = trainer.accelerator, trainer.config, trainer.job
-    said = {"output_dir", *job.advice.said}
+    said = {"output_dir", *job.conventions.said}
     if accelerator.device.type != "cuda":  # GPU settings: device_details says what they did on a GPU
         said |= {"tf32", "data_placement"}
     shown = {**job.options, **({} if config.log_every else {"log_every": "auto"})}  # 0 reads as "never"
@@ -208,12 +232,13 @@ def describe(trainer: Trainer, device_details: str = "") -> str:
     )
 
 
-def run_description(trainer: Trainer) -> dict[str, Any]:
+def run_description(trainer: Trainer, used: dict[str, Any]) -> dict[str, Any]:
     """config.json: enough to rebuild the model (its input scaling and class names, or its tokenizer)
-    without toyaccel's pickles; ``config`` holds the options that apply to this run."""
+    without toyaccel's pickles; ``config`` holds the options that apply to this run, data paths absolute (a
+    run evaluates from any directory), and where an option was resolved at run time the value ``used``."""
     accelerator, job = trainer.accelerator, trainer.job
     return {
-        "config": job.options,
+        "config": {**job.conventions.recorded(job.options), **used},
         **job.workload.run_description(job.config, job.data),
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
@@ -229,8 +254,9 @@ def save_outputs(trainer: Trainer, result: RunResult) -> None:
     # must have the plain model's keys whatever --compile was.
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
-        save_weights(state_dict, f"{config.output_dir}/model.safetensors")
-        write_json(f"{config.output_dir}/results.json", result.to_json())
-        if config.plot and not plot_metrics(result.history, f"{config.output_dir}/loss.png"):
+        out = Path(config.output_dir)
+        save_weights(state_dict, out / "model.safetensors")
+        write_json(out / "results.json", result.to_json())
+        if config.plot and not plot_metrics(result.history, out / "loss.png"):
             say(accelerator, "matplotlib is not installed: skipped loss.png (pip install 'toyaccel[plots]')")
     accelerator.wait_for_everyone()

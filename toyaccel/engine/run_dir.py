@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
@@ -68,12 +69,19 @@ def existing_run_files(output_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder, and find an unwritable folder before training starts."""
+def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool, read_run: Callable | None = None) -> None:
+    """Refuse to mix two runs in one folder, and find an unwritable folder before training starts.
+    ``read_run``: reads a folder's config.json as a run's, raising ToyaccelError where it is not one."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ToyaccelError(f"output directory {out} exists and is not a directory")
     found = existing_run_files(out) if out.exists() else []
+    foreign = not_a_run_because(out, read_run or read_config_json) if found and not resuming else None
+    if foreign:
+        raise ToyaccelError(
+            f"{out} holds {', '.join(found)} but is not a toyaccel run ({foreign}): toyaccel neither writes over "
+            "nor removes them (--overwrite included); choose another --output-dir"
+        )
     if found and not (overwrite or resuming):
         raise ToyaccelError(
             f"{out} already holds a run ({', '.join(found)}); pass --overwrite to replace it, "
@@ -102,6 +110,19 @@ def refuse_linked_run_entries(out: Path) -> None:
                 f"{out / name} is a symbolic link, which --overwrite neither follows nor removes: remove it "
                 "yourself, or choose another --output-dir"
             )
+
+
+def not_a_run_because(folder: Path, read_run: Callable) -> str | None:
+    """Why ``folder`` is not a toyaccel run, or None where it is one: a toyaccel run is recognised by its
+    config.json, which toyaccel writes first (once training has taken its first step) and which must read as
+    a run's. Files of the same names written by anything else are not toyaccel's to replace or delete."""
+    if not (Path(folder) / "config.json").is_file():
+        return "no config.json"
+    try:
+        read_run(folder)
+    except ToyaccelError:
+        return "its config.json is not a toyaccel run's"
+    return None
 
 
 def claim_for_this_launch(output_dir: str, launch_ids: list[str]) -> None:
@@ -141,18 +162,24 @@ def restart_of_owning_launch(output_dir: str) -> bool:
         return False
 
 
-def read_config_json(run_dir: str | Path, check: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
-    """A run's config.json; ``check`` raises KeyError or TypeError where it lacks what the caller needs. Any
-    failure is one ToyaccelError naming the file."""
+def read_config_json(run_dir: str | Path) -> dict[str, Any]:
+    """A run's config.json as JSON: a regular file holding an object whose config and model sections are
+    mappings (what the sections hold is its reader's to check). Any problem is one line naming the file."""
     path = Path(run_dir) / "config.json"
+    require_regular_file(path)
     try:
         saved = json.loads(path.read_text())
-        if check is not None:
-            check(saved)
     except FileNotFoundError:
         raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ToyaccelError(f"{path}: not a toyaccel run config ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise ToyaccelError(f"{path}: not a toyaccel run config (a JSON object with config and model sections)")
+    for section in ("config", "model"):
+        if not isinstance(saved.get(section, {}), dict):
+            raise ToyaccelError(f"{path}: {section} must be a mapping, got {type(saved[section]).__name__}")
+    if "model" not in saved:
+        raise ToyaccelError(f"{path}: not a toyaccel run config (no model section)")
     return saved
 
 

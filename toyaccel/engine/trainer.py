@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,18 @@ class TrainingJob:
     workload: Workload
     data: Any
     options: dict[str, Any]
-    advice: Advice = field(default_factory=lambda: Advice())
+    conventions: Conventions = field(default_factory=lambda: Conventions())
 
 
 @dataclass
-class Advice:
-    """How this run's messages are worded for its model family (the top layer knows it)."""
+class Conventions:
+    """What the layer above the engine knows of the run's options and saved runs, and tells it."""
 
-    said: frozenset[str] = frozenset()  # options the data's description already says
+    said: frozenset[str] = frozenset()  # options the data's description already says (the start-up line)
     clipping: bool = False  # a diverging loss suggests --max-grad-norm too
+    identity: Callable[[dict], Any] = dict  # what of the training options makes two runs the same run
+    read_run: Callable[[str], Any] | None = None  # reads a folder's config.json as a run's (ToyaccelError if not)
+    recorded: Callable[[dict], dict] = dict  # the options as config.json records them (data paths absolute)
 
 
 class Trainer:
@@ -71,6 +75,7 @@ class Trainer:
         self.checkpointer = Checkpointer(accelerator, self.config.output_dir, self.config.keep_last, self.hooks)
         self.placement = None
         self.logger: MetricsLogger | None = None
+        self.on_first_step: Callable[[], None] | None = None  # called once this run's first step is done
 
     def place_data(self):
         """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
@@ -101,6 +106,12 @@ class Trainer:
         model = workload.build_model(config, data)
         optimizer = build_optimizer(config, model)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, train_loader)
+        self.window = LossWindow()
+        self.step = Step(self)
+
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Train ``model`` (the prepared one wrapped, as torch.compile wraps it) from the next step on."""
+        self.model = model
         self.step = Step(self)
 
     def open_log(self, resume_step: int | None = None) -> MetricsLogger:
@@ -130,18 +141,24 @@ class Trainer:
         On a stop signal, checkpoint after the step all processes agree on and raise Interrupted."""
         self.start_epoch()
         accelerator, state, config, logger, stops = self.accelerator, self.state, self.config, self.logger, self.stops
-        hooks, step, log_every = self.hooks, self.step, self.log_every
+        hooks, step, log_every = self.hooks, self.step.run, self.log_every
         steps_per_epoch = self.sampler.steps_per_epoch
         logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
         self.model.train()
         # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
         # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
-        window = self.window = LossWindow()
-        last_loss = None
+        window = self.window
+        window.restart()
+        last_loss, first_step = None, self.on_first_step
         for inputs, targets in self.loader:
+            if hooks is not None:
+                hooks.before_step(state.global_step + 1)
             if not step(inputs, targets, state):
                 continue
             state.finish_step()
+            if first_step is not None:
+                first_step()
+                first_step = self.on_first_step = None
             logger.advance()
             if hooks is not None:
                 hooks.after_step(state.global_step, lambda: stops.signum)
@@ -151,7 +168,7 @@ class Trainer:
             # A log window must not straddle a checkpoint: a resumed run has lost the losses before it.
             window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch
             if window_ends or checkpoint_due or stop_signal:
-                last_loss = self.log_window(step.lr)
+                last_loss = self.log_window(self.step.lr)
             if hooks is not None:
                 hooks.after_log(state.global_step)
             if stop_signal or (checkpoint_due and state.step_in_epoch < steps_per_epoch):
@@ -196,7 +213,7 @@ class Trainer:
         checkpointed, so the checkpoints on disk all hold finite weights."""
         config = self.config
         remedy = f"lower --lr (now {config.lr:g})"
-        if self.job.advice.clipping:
+        if self.job.conventions.clipping:
             remedy += " or clip gradients with --max-grad-norm (e.g. 1.0)" if not config.max_grad_norm else (
                 f" or --max-grad-norm (now {config.max_grad_norm:g})")  # fmt: skip
         wait_for_checkpoint()
@@ -231,48 +248,56 @@ class LossWindow:
 
 class Step:
     """One micro-step: forward, loss, backward; on the micro-step that completes an optimizer step also
-    clipping, the scheduled learning rate and the optimizer step. Calling it returns whether it stepped."""
+    clipping, the scheduled learning rate and the optimizer step. ``run(inputs, targets, state)`` does it
+    and returns whether it stepped; ``lr`` is the rate of the last step."""
 
     def __init__(self, trainer: Trainer):
-        accelerator, config, workload = trainer.accelerator, trainer.config, trainer.job.workload
-        self.accelerator, self.model, self.trainer = accelerator, trainer.model, trainer
-        self.stepper = stepper = optimizer_to_step(accelerator, trainer.optimizer)
+        accelerator = trainer.accelerator
+        stepper = optimizer_to_step(accelerator, trainer.optimizer)
         # accumulate() and accelerator.backward() cost ~20 us a step each (15% of the book MLP's step at
         # batch 256). With one micro-step per optimizer step and a directly stepped optimizer (no scaler,
         # no XLA) they only count micro-steps and divide the loss by 1, so the loop skips them: same bits.
         plain = stepper is not trainer.optimizer and accelerator.gradient_accumulation_steps == 1
         plain = plain and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-        self.micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
-        self.backward = stepper.backward if plain else accelerator.backward
-        self.loss = workload.loss
-        self.own_rng = own_random_stream if workload.uses_dropout(config) else None
-        self.seed, self.max_grad_norm = config.seed, config.max_grad_norm
-        self.config, self.total_steps = config, config.epochs * trainer.sampler.steps_per_epoch
-        self.micro_in_step, self.lr = 0, None
+        self.lr = None
+        self.run = self.build(trainer, stepper, plain)
 
-    def __call__(self, inputs, targets, state: TrainerState) -> bool:
-        model, accelerator = self.model, self.accelerator
-        with self.micro_step(model):
-            if self.own_rng is None:
-                loss = self.loss(model(inputs), targets)
-            else:
-                with self.own_rng(self.seed, accelerator.process_index, state.global_step, self.micro_in_step):
-                    loss = self.loss(model(inputs), targets)
-            self.micro_in_step += 1
-            self.backward(loss)
-            self.trainer.window.add(loss.detach())
-            if not accelerator.sync_gradients:
-                return False
-            if self.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-            stepper = self.stepper
-            self.lr = lr = learning_rate(self.config, state.global_step, self.total_steps)
-            for group in stepper.param_groups:
-                group["lr"] = lr
-            stepper.step()
-            stepper.zero_grad(set_to_none=True)
-        self.micro_in_step = 0
-        return True
+    def build(self, trainer: Trainer, stepper, plain: bool):
+        """The step as a function of its own: what it needs bound once, as locals (per-step attribute
+        look-ups cost ~1% of the book MLP's step)."""
+        accelerator, config, workload, model = trainer.accelerator, trainer.config, trainer.job.workload, trainer.model
+        micro_step = (lambda _model: contextlib.nullcontext()) if plain else accelerator.accumulate
+        backward = stepper.backward if plain else accelerator.backward
+        loss_of, add_loss = workload.loss, trainer.window.add
+        own_rng = own_random_stream if workload.uses_dropout(config) else None
+        seed, max_grad_norm, process_index = config.seed, config.max_grad_norm, accelerator.process_index
+        total_steps = config.epochs * trainer.sampler.steps_per_epoch
+        micro_in_step = 0
+
+        def run(inputs, targets, state: TrainerState) -> bool:
+            nonlocal micro_in_step
+            with micro_step(model):
+                if own_rng is None:
+                    loss = loss_of(model(inputs), targets)
+                else:
+                    with own_rng(seed, process_index, state.global_step, micro_in_step):
+                        loss = loss_of(model(inputs), targets)
+                micro_in_step += 1
+                backward(loss)
+                add_loss(loss.detach())
+                if not accelerator.sync_gradients:
+                    return False
+                if max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                self.lr = lr = learning_rate(config, state.global_step, total_steps)
+                for group in stepper.param_groups:
+                    group["lr"] = lr
+                stepper.step()
+                stepper.zero_grad(set_to_none=True)
+            micro_in_step = 0
+            return True
+
+        return run
 
 
 def interrupted(accelerator, signum: int, path, state: TrainerState, epochs: int):

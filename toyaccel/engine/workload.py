@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any
 
+from toyaccel.errors import ToyaccelError
+
 if TYPE_CHECKING:
     import torch
 
@@ -83,6 +85,13 @@ class Workload(abc.ABC):
     def run_description(self, config, data) -> dict[str, Any]:
         """config.json's part besides the options: at least the "model" section (``model_shape``)."""
         return {"model": self.model_shape(config, data)}
+
+    def check_run_description(self, saved: dict[str, Any]) -> None:
+        """Raise ToyaccelError (its caller names the file) where a saved config.json's sections cannot be
+        this workload's run; by default, where its model section lacks one of MODEL_KEYS."""
+        missing = [key for key in self.MODEL_KEYS if key not in saved["model"]]
+        if missing:
+            raise ToyaccelError(f"model: {missing[0]} is missing")
 
     def save_extras(self, output_dir: str, data) -> None:  # noqa: B027 - optional: most workloads save none
         """Files beside the weights that loading the model needs (a tokenizer); none by default."""

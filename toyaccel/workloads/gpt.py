@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig, build_config
+from toyaccel.config import TOKENIZERS, WORKLOAD_DEFAULTS, TrainConfig, build_config, check_seed
 from toyaccel.engine.batches import data_loader as _loader
 from toyaccel.engine.launch import launched_world_size
 from toyaccel.engine.placement import choose_placement
@@ -35,6 +35,8 @@ from toyaccel.workloads import workload_of_run
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
 SAMPLE_TOKENS = 50
+# One forward pass per token: a million is hours on a CPU, and its ids and text still fit in memory.
+MAX_NEW_TOKENS = 1_000_000
 EVAL_WINDOWS = 8  # toyaccel-evaluate's default windows per process per batch
 
 # Vocabulary rows are padded to a multiple of this inside the model (see GPTModel), for GPU matrix products;
@@ -99,6 +101,9 @@ class GPTWorkload(Workload):
             "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
                      "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
         }  # fmt: skip
+
+    def check_run_description(self, saved: dict[str, Any]) -> None:
+        check_run_description(saved)
 
     def describe_data(self, data: TextBundle) -> str:
         """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), ...``"""
@@ -166,6 +171,26 @@ def evaluate(accelerator, model, loader) -> dict[str, Any]:
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": tokens}
 
 
+def check_run_description(saved: dict[str, Any]) -> None:
+    """config.json's model and tokenizer sections, by the rules of the training options (its caller names the
+    file): the model section holds the same options as the command line."""
+    tokenizer = saved.get("tokenizer")
+    kind = tokenizer.get("type") if isinstance(tokenizer, dict) else None
+    if kind not in TOKENIZERS:
+        raise ToyaccelError(f"tokenizer: type must be one of {', '.join(TOKENIZERS)}, got {kind!r:.80}")
+    shape = saved["model"]
+    missing = [key for key in GPT_CONFIG_KEYS if key not in shape]
+    if missing:
+        raise ToyaccelError(f"model: {missing[0]} is missing")
+    try:
+        # One synthetic character and SGD (no moments): the memory check counts the weights twice, as read
+        # and as loaded, which is what loading needs.
+        TrainConfig(model="gpt", data="synthetic", num_samples=1, optimizer="sgd", tokenizer=kind,
+                    **{key: shape[key] for key in GPT_CONFIG_KEYS})  # fmt: skip
+    except ToyaccelError as e:
+        raise ToyaccelError(f"model: {e}") from None
+
+
 def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
     """The book's start context where the vocabulary has it, else the training text's first tokens."""
     try:
@@ -218,8 +243,9 @@ def generate_from_run(
     """The prompt and its continuation, as the book's generate (greedy when temperature is 0)."""
     if launched_world_size() > 1:
         raise ToyaccelError("generate runs in one process: start it with python or toyaccel-generate, not a launch")
-    if max_new_tokens < 0:
-        raise ToyaccelError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ToyaccelError(f"--max-new-tokens must be in 0..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+    check_seed(seed, "--seed")
     if not (temperature >= 0.0 and temperature != float("inf")):
         raise ToyaccelError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -248,18 +274,18 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
 
     model, tokenizer, saved = load_gpt_run(run_dir)
     options = saved["config"]
-    # config.json keeps only the options that applied: a run on a text file saved no num_samples.
-    num_samples = options.get("num_samples", WORKLOAD_DEFAULTS["gpt"]["num_samples"])
+    # A run on a file saves no num_samples (the synthetic text's length): --data synthetic then reads the default.
+    num_chars = options.get("num_samples") or WORKLOAD_DEFAULTS["gpt"]["num_samples"]
     if data is None:
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
-            full = source_text(options["data"], num_samples, options["seed"])
+            full = source_text(options["data"], num_chars, options["seed"])
             text, what = split_text(full, options["val_fraction"])[1], "the run's validation text"
         else:
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
     else:
-        text, what = source_text(data, num_samples, options["seed"]), data
+        text, what = source_text(data, num_chars, options["seed"]), data
     context = saved["model"]["context_length"]
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     dataset = TextWindows(ids, context, options.get("stride") or context)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig
+from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, check_count, check_fits, mlp_parameters, parse_hidden
 from toyaccel.data import DataBundle, ToyDataset, load_data, training_sample
 from toyaccel.engine.batches import eval_batches
 from toyaccel.engine.workload import Workload
+from toyaccel.errors import ToyaccelError
 from toyaccel.model import NeuralNetwork
 
 # Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
@@ -73,6 +75,9 @@ class MLPWorkload(Workload):
             },
         }
 
+    def check_run_description(self, saved: dict[str, Any]) -> None:
+        check_run_description(saved)
+
     def describe_data(self, data: DataBundle) -> str:
         """``data train.csv: 150 rows, 4 features (a, b, c, d), 3 classes: setosa, versicolor, virginica; train
         120, val 30 (0.2 of the rows held out)``"""
@@ -121,6 +126,50 @@ def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_si
         "count": count,
         "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
     }
+
+
+def check_run_description(saved: dict[str, Any]) -> None:
+    """config.json's model and data sections, by the rules training options follow (its caller names the file)."""
+    shape = saved["model"]
+    num_inputs, num_outputs = shape.get("num_inputs"), shape.get("num_outputs")
+    check_count("model: num_inputs", num_inputs, 1)
+    check_count("model: num_outputs", num_outputs, 2)
+    try:
+        hidden = parse_hidden(shape.get("hidden"))
+    except ToyaccelError as e:
+        raise ToyaccelError(f"model: {e}") from None
+    # The weights as read and the model they are copied into.
+    check_fits(2 * 4 * mlp_parameters(num_inputs, hidden, num_outputs), "model: its weights")
+    data = saved.get("data") or {}
+    if not isinstance(data, dict):
+        raise ToyaccelError(f"data must be a mapping, got {type(data).__name__}")
+    names_of = {"feature_names": num_inputs, "classes": num_outputs}
+    for key, count in names_of.items():
+        names = data.get(key)
+        if names in (None, []):
+            continue
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or len(set(names)) != len(names):
+            raise ToyaccelError(f"data: {key} must be a list of distinct names, got {names!r:.80}")
+        if len(names) != count:
+            raise ToyaccelError(f"data: {key} has {len(names)} names, the model has {count}")
+    for key in ("mean", "std"):
+        values = data.get(key)
+        if values is None:
+            continue
+        numbers = isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        )
+        if not numbers or len(values) != num_inputs:
+            raise ToyaccelError(f"data: {key} must be a list of {num_inputs} finite numbers, got {values!r:.80}")
+        if key == "std" and min(values, default=1) <= 0:
+            raise ToyaccelError(f"data: std must be positive, got {values!r:.80}")
+    if (data.get("mean") is None) != (data.get("std") is None):
+        raise ToyaccelError("data: mean and std go together: one of them is missing")
+    if not isinstance(data.get("label_column") or "", str):
+        raise ToyaccelError(f"data: label_column must be a column name, got {data['label_column']!r:.80}")
+    ignore = data.get("ignore_columns") or []
+    if not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
+        raise ToyaccelError(f"data: ignore_columns must be a list of column names, got {ignore!r:.80}")
 
 
 def few(names: list[str], most: int = 6) -> str:
