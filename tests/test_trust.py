@@ -191,6 +191,7 @@ def train_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_afresh(tmp_path):
     """The Slurm job script's --resume auto, for a job preempted before its first checkpoint: the folder holds
     config.json and metrics.jsonl of the same run, so it starts over there, and ends with the weights of an
