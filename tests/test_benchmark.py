@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # the quick run takes most of a minute, and starts scripts/train.py
 LOOPS = {"book", "toyaccel", "ceiling"}
 
 

@@ -1,4 +1,4 @@
-"""Issue 4: data sources, and bad input: one line naming what and where, exit code 2, no traceback, and the
+"""Data sources, and bad input: one line naming what and where, exit code 2, no traceback, and the
 output directory exactly as it was."""
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_csv_stops_a_multi_process_launch_promptly_with_one_line(csv_dir, previous_run):
     path = write(csv_dir, "bad_ddp.csv", "x1,x2,label\n1,2,0\n1,2,\n")
     before = snapshot(previous_run)

@@ -67,6 +67,7 @@ def test_fp16_fast_path_steps_exactly_as_accelerates_wrapper():
         release(accelerator)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu_check.sh runs for real")
 def test_gpu_check_script_runs_on_cpu_and_reports_every_skip(tmp_path):
     """CI's run of the device check: it must work on a machine without CUDA, say why each GPU test was

@@ -1,4 +1,4 @@
-"""Issue 4: a run on your own CSV, its metrics, log lines and plot, then evaluate and predict from the saved
+"""A run on your own CSV, its metrics, log lines and plot, then evaluate and predict from the saved
 files alone."""
 
 from __future__ import annotations
@@ -215,6 +215,7 @@ def test_evaluate_on_toy_is_the_books_test_set(toy_run, capsys):
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_under_two_processes_gives_the_global_metrics(csv_run, val_metrics):
     """21 rows in batches of 4 over 2 processes: the padding accelerate adds must not be counted."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_cpu.yaml")]
@@ -330,7 +331,7 @@ def test_predict_refuses_bad_input_without_writing(csv_run, toy_run, tmp_path, c
     assert not target.exists()
 
 
-# --- class names, id columns, evaluation cadence (issue 11) ------------------------------------------
+# --- class names, id columns, evaluation cadence ----------------------------------------------------
 
 SPECIES = ["setosa", "versicolor", "virginica"]
 
@@ -410,6 +411,7 @@ def test_evaluate_and_predict_speak_class_names_and_keep_ids(named_run, tmp_path
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 def test_eval_every_and_the_training_sample(tmp_path):
     """Epoch-end training metrics score a fixed sample of 8192 rows (--eval-train full: every row); evaluation
     never changes what is trained."""

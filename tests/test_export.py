@@ -30,6 +30,7 @@ def bpe_run(tmp_path_factory):
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_an_exported_run_gives_transformers_the_same_logits_tokens_and_text(bpe_run, tmp_path, capsys):
     assert export_main([str(bpe_run), str(tmp_path / "hf")]) == 0
     assert capsys.readouterr().out == (

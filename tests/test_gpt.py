@@ -1,4 +1,4 @@
-"""The book's GPT as a second workload (issue 13): same script, same guarantees as the MLP.
+"""The book's GPT as a second workload: same script, same guarantees as the MLP.
 
 Every run is tiny (1 block, width 16-32, contexts of 16-32 characters of the synthetic text) so the
 module stays fast. The subprocess runs start together in threads (their start-ups overlap); the
@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from book_gpt import GPTModel as BookGPTModel
-from book_gpt import generate_text_simple
 from conftest import (
     REPO,
     accelerate_launch,
@@ -39,6 +37,8 @@ from toyaccel.engine.optim import own_random_stream
 from toyaccel.engine.resume import verify_checkpoint
 from toyaccel.gpt_model import GPTModel
 from toyaccel.inference import evaluate_run
+from toyaccel.reference import GPTModel as BookGPTModel
+from toyaccel.reference import generate_text_simple
 from toyaccel.text import synthetic_entropy, synthetic_text
 
 TINY = ("--model", "gpt", "--context-length", "16", "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1")
@@ -196,6 +196,7 @@ def test_evaluate_reports_the_runs_validation_loss_and_a_text_file(learned, tmp_
 # Distributed guarantees
 
 
+@pytest.mark.slow
 def test_n_processes_equal_one_process_with_the_whole_batch(background):
     one = weights(background / "one_x_6")
     for name in ("two_x_3", "three_x_2"):
@@ -209,6 +210,7 @@ def test_n_processes_equal_one_process_with_the_whole_batch(background):
         assert len(epochs) == 1 and len(epochs[0]["sample"]) > 50  # 50 generated characters after the start
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_same_for_any_number_of_processes(background):
     """Each run evaluated its final weights over its processes; one process on the same weights agrees."""
     for name in ("one_x_6", "two_x_3", "three_x_2"):
@@ -216,6 +218,7 @@ def test_validation_loss_is_the_same_for_any_number_of_processes(background):
         assert (here["loss"], here["tokens"]) == (results["val_loss"], 7 * 16), name
 
 
+@pytest.mark.slow
 def test_dropout_has_its_own_stream_per_process_and_leaves_the_data_order_alone(background):
     before = torch.get_rng_state()
     masks = {}
@@ -234,6 +237,7 @@ def test_dropout_has_its_own_stream_per_process_and_leaves_the_data_order_alone(
     assert seeds[0] is not None and seeds[0] == seeds[1]
 
 
+@pytest.mark.slow
 def test_each_process_draws_its_own_dropout_masks_on_the_one_process_data_order(background):
     """Watched inside the training loop (tests/dropout_probe.py): at each of the first steps the two ranks
     dropped different units, and together they trained on the windows one process with the whole batch did."""
@@ -250,6 +254,7 @@ def test_each_process_draws_its_own_dropout_masks_on_the_one_process_data_order(
             assert 0.1 < 1 - mine.float().mean() < 0.3  # --drop-rate 0.2 of the units dropped
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_is_bitwise_equal_with_dropout(background):
     killed = background / "killed"
     assert [p.name for p in checkpoint_dirs(killed)][0] == "step_12" and not (killed / "model.safetensors").exists()
@@ -386,6 +391,7 @@ def test_vocab_padding_stays_inside_the_model():
     assert torch.equal(reloaded(ids), padded(ids)) and torch.allclose(padded(ids), plain(ids), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_run_keeps_the_books_vocabulary_rows(tmp_path):
     """On a GPU: bf16, fused AdamW, flash attention and the vocabulary padded inside the model."""

@@ -38,6 +38,7 @@ from toyaccel import fit, load_model
 from toyaccel.cli import train_main
 from toyaccel.engine.checkpoint import checkpoint_dirs
 
+pytestmark = pytest.mark.slow  # launches, and training on a GPU
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_gpu = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
 needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")

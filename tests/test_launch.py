@@ -91,6 +91,7 @@ def refused(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     return {name: (results[name], outs[name]) for name in commands}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ONE_FOR_MANY_LAUNCHES)
 def test_a_launch_that_starts_one_process_of_several_stops_with_the_command_that_works(launch, refused):
     proc, out = refused[launch]
@@ -106,6 +107,7 @@ def test_a_launch_that_starts_one_process_of_several_stops_with_the_command_that
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     proc, out = refused["port 0"]
     assert proc.returncode != 0
@@ -113,6 +115,7 @@ def test_mpi_launch_with_port_0_stops_instead_of_hanging(refused):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_launch_asked_for_no_processes_is_refused(refused):
     """multi_cpu.yaml with --num_processes 0: accelerate 1.15 leaves -n out of mpirun's command, which then
     starts one process; that trained alone and exited 0."""
@@ -126,6 +129,7 @@ def test_a_launch_asked_for_no_processes_is_refused(refused):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_no_false_alarm_in_a_shell_that_exports_master_addr_and_port(tmp_path):
     """Slurm scripts export MASTER_ADDR/MASTER_PORT: a run by hand, or a one-process launch, is fine."""
     slurm = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "true"}
@@ -143,6 +147,7 @@ def accelerate_tests(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]
     return run_concurrently(commands, tmp_path_factory.mktemp("accelerate_test"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CPU_CONFIGS)
 def test_accelerate_test_passes_for_every_cpu_config(config, accelerate_tests):
     """Accelerate's own check, run as the README prints it. Passing is not enough: in accelerate 1.15
@@ -180,6 +185,7 @@ def test_cpu_configs_start_one_thread_per_process_without_a_warning(config, monk
         assert "num_cpu_threads_per_process" not in caplog.text
 
 
+@pytest.mark.slow
 def test_the_process_left_when_another_dies_says_one_line(tmp_path):
     """elastic_cpu.yaml without restarts, rank 1 killed after step 2: rank 0's next collective fails. It used
     to print a ~45-line gloo traceback under torchrun's report; now one line saying why it stops."""
@@ -197,6 +203,7 @@ def test_the_process_left_when_another_dies_says_one_line(tmp_path):
     assert len(lines) <= 1, proc.stderr[-5000:]  # rank 0 may also be stopped by torchrun before its collective fails
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_named_with_the_option_that_changes_it(tmp_path):
     """The main process of a launch whose port another run holds (torchrun's and mpirun's workers alike
     set MASTER_PORT): one line naming --main_process_port, not torch's EADDRINUSE message."""

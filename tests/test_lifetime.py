@@ -101,6 +101,7 @@ def start_stalled(cmd: list[str], env: dict[str, str] | None = None, stalls: int
 # One writer per folder
 
 
+@pytest.mark.slow
 def test_a_held_folder_is_refused_naming_its_holder_and_left_untouched(tmp_path, capsys):
     """A second run, a --resume latest and an --overwrite into the folder of a run that trains all
     stop with one line naming the holder, exit 2, and the training run's files unchanged."""
@@ -170,6 +171,7 @@ def uninterrupted(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(LAUNCHES))
 def test_a_signal_to_the_launcher_alone_ends_every_process_with_a_checkpoint(config, signalled, uninterrupted):
     root, jobs = signalled
@@ -198,6 +200,7 @@ def test_a_signal_to_the_launcher_alone_ends_every_process_with_a_checkpoint(con
 # DataLoader workers
 
 
+@pytest.mark.slow
 def test_dataloader_workers_die_with_their_training_process(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(TRAIN_SCRIPT), *RUN, "--batch-size", "1", "--num-workers", "2", "--output-dir", str(out)]

@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume and surviving crashes (issue #3).
+"""Checkpoints, exact resume and surviving crashes.
 
 Every crash here is real: TOYACCEL_FAULT makes a training process SIGKILL itself at a chosen point.
 Runs that must die are subprocesses: one process killed mid-training, two DDP processes with rank 0
@@ -240,6 +240,7 @@ def copy_run(run: Path, to: Path) -> Path:
 # Crash, then --resume latest: bitwise the uninterrupted run
 
 
+@pytest.mark.slow
 def test_crash_mid_training_then_resume_is_bitwise_equal(background, reference, tmp_path):
     """Killed after step 5: the newest checkpoint is step 3; steps 4-5 were trained (4 logged) and are lost.
     (Step 3 is not a multiple of --log-every, so this also checks that log windows restart there.)"""
@@ -258,6 +259,7 @@ def test_crash_mid_training_then_resume_is_bitwise_equal(background, reference, 
         verify_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_two_process_crash_while_writing_a_checkpoint_then_resume_is_bitwise_equal(reference_ddp, background):
     """The previous checkpoint stays whole and the half-written one is never taken for a checkpoint."""
     root, jobs = background
@@ -277,6 +279,7 @@ def test_two_process_crash_while_writing_a_checkpoint_then_resume_is_bitwise_equ
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_18", "step_21", "step_24"]
 
 
+@pytest.mark.slow
 def test_two_processes_continue_a_one_process_run(reference, background):
     """1 process x batch 2 crashed after step 5; 2 processes x batch 1 finish it: same global batch, same data order."""
     root, jobs = background
@@ -433,6 +436,7 @@ TAMPERING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forged", [False, True], ids=["edited", "forged"])
 @pytest.mark.parametrize("tampering", TAMPERING)
 def test_a_tampered_state_is_damaged_skipped_and_nothing_is_set_aside(reference, tmp_path, capsys, tampering, forged):
@@ -584,6 +588,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(small_disk, capsys):
     """The real error (SafetensorError or torch.save's "unexpected pos", from ENOSPC): one line saying
     the disk is full and which checkpoint could not be written, exit 2; the earlier ones verify."""
@@ -616,6 +621,7 @@ def test_resume_may_split_the_global_batch_differently(tmp_path):
     assert_weights_close(weights(tmp_path / "b"), weights(tmp_path / "a"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tmp_path):
     """torchrun restarts workers after any failure, the refusal of a folder holding another run too;
     the restarted workers must refuse again, not resume or overwrite that run."""
@@ -632,6 +638,7 @@ def test_elastic_restarts_do_not_slip_past_the_output_folder_guard(reference, tm
     assert snapshot(tmp_path / "other") == before
 
 
+@pytest.mark.slow
 def test_elastic_launch_on_two_machines_survives_a_killed_worker(reference_ddp, background):
     """Where to resume is decided once, on the main process, whichever machine it is on, and sent
     to every process: both machines continue from step 6 and end with the uninterrupted weights."""
@@ -650,6 +657,7 @@ def test_elastic_launch_on_two_machines_survives_a_killed_worker(reference_ddp, 
 # Interrupts: a signal mid-epoch stops every process after the same step, with a checkpoint
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference, capsys):
     """SIGINT twice to the process group after step 8 of 12 (and no checkpoint due there): the run
     stops after step 8, saves it, says where and how to continue, and exits 130 without a traceback."""
@@ -675,6 +683,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bitwise_equal(background, refer
     assert logged(run) == logged(reference)  # step 8 ends a log window in both
 
 
+@pytest.mark.slow
 def test_sigterm_to_two_processes_saves_a_checkpoint_and_resume_is_bitwise_equal(background, reference_ddp):
     """SIGTERM to `accelerate launch`'s process group: both workers stop after the same step (within
     about 0.1 s of the signal, when they next agree) and save it, with --checkpoint-every 0.
@@ -704,6 +713,7 @@ def test_sigterm_to_two_processes_saves_a_checkpoint_and_resume_is_bitwise_equal
 # Timelines: resuming from an older checkpoint abandons the later ones
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(reference, tmp_path, capsys):
     """The sequence of issue 10: every checkpoint kept up to step 24; resumed from step 6 with
     --keep-last 1; killed at step 10. The new step 9 survives, --resume latest continues this

@@ -1,4 +1,4 @@
-"""Scale-out setups (issue #5): gradient accumulation, mixed precision, LR schedule and clipping,
+"""Scale-out setups: gradient accumulation, mixed precision, LR schedule and clipping,
 multi-node, FSDP and torch.compile, each proven equal to the simple run where it should be.
 
 Real launches (with torch.compile the expensive part: ~20-25 s on a quiet 2-core machine): one
@@ -151,6 +151,7 @@ def test_grad_accum_one_process_equals_one_big_batch(reference, tmp_path):
     assert step_losses(tmp_path / "run") == pytest.approx(step_losses(reference), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_accum_on_ddp_equals_one_big_batch(ddp_accum_run, reference):
     results = read_json(ddp_accum_run / "results.json")
     assert (results["world_size"], results["distributed_type"]) == (2, "MULTI_CPU")
@@ -159,6 +160,7 @@ def test_grad_accum_on_ddp_equals_one_big_batch(ddp_accum_run, reference):
     assert step_losses(ddp_accum_run) == pytest.approx(step_losses(reference), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_all_reduces_gradients_only_on_the_last_micro_step(ddp_accum_run):
     # Recorded by tests/allreduce_probe.py: the training micro-step in which each gradient bucket
     # was all-reduced. With 2 micro-steps per optimizer step: micro-steps 2, 4, ..., 48 only.
@@ -209,6 +211,7 @@ def test_fp16_from_an_accelerate_config_is_refused_too(monkeypatch, tmp_path):
 # 3. Learning-rate schedule and clipping
 
 
+@pytest.mark.slow
 def test_lr_per_optimizer_step_is_the_same_on_one_and_two_processes(reference, ddp_accum_run, multi_node_run):
     expected = [cosine_with_warmup(s, TOTAL_STEPS, 3, 0.5) for s in range(TOTAL_STEPS)]
     assert lrs(reference) == pytest.approx(expected, abs=1e-12)
@@ -273,6 +276,7 @@ def test_clipping_was_active_in_the_shared_runs(reference, tmp_path):
 # 4. Multi-node
 
 
+@pytest.mark.slow
 def test_two_machines_form_one_world_equal_to_one_process(multi_node_run, reference):
     results = read_json(multi_node_run / "results.json")
     assert (results["world_size"], results["distributed_type"]) == (2, "MULTI_CPU")
@@ -284,6 +288,7 @@ def test_two_machines_form_one_world_equal_to_one_process(multi_node_run, refere
 # 5. FSDP (GPU runs are in tests/test_gpu.py)
 
 
+@pytest.mark.slow
 def test_fsdp_config_on_cpu_is_refused_clearly(tmp_path):
     # accelerate 1.15 only turns a run into FSDP on GPUs (and similar devices): on CPU these 2
     # processes would silently train as plain gloo DDP. toyaccel stops them before any output.
@@ -314,6 +319,7 @@ def test_fsdp_and_multi_node_configs_load():
 # an idle 2-core machine, 40-60 s on a loaded one; 5-10 s once /tmp/torchinductor_<user> caches it)
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_run_and_plain_keys(fp32_toy, tmp_path):
     run = tmp_path / "run"
     result = fit(**QUIET, compile=True, output_dir=str(run))

@@ -79,6 +79,7 @@ def test_json_lines_records_are_documents_with_end_of_text_between(tmp_path):
     assert tokenizer.decode(ids[: int((ids == eot).nonzero()[0])].tolist()) == records[0]["text"]
 
 
+@pytest.mark.slow
 def test_a_prepare_killed_with_a_shard_half_written_continues_to_the_same_shards(tmp_path):
     source = corpus_folder(tmp_path / "docs")
     whole = prepare(str(source), str(tmp_path / "whole"), "bytes", val_fraction=0.2, shard_tokens=2_000,

@@ -1,4 +1,4 @@
-"""scripts/slurm/train.sbatch on a real Slurm (issue 14): a controller and a node on this host.
+"""scripts/slurm/train.sbatch on a real Slurm: a controller and a node on this host.
 
 Needs Debian's `slurmd slurmctld slurm-client munge` (.ci/run installs them); skips without them.
 The fixture starts `munged` (fresh key), `slurmctld` and `slurmd` from a generated slurm.conf, with
@@ -53,7 +53,7 @@ def why_no_slurm() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(why_no_slurm() is not None, reason=str(why_no_slurm()))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(why_no_slurm() is not None, reason=str(why_no_slurm()))]
 
 SBATCH_SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -1,4 +1,4 @@
-"""Issue 10: what a user must be able to trust. Processes that disagree stop; files keep the umask;
+"""What a user must be able to trust. Processes that disagree stop; files keep the umask;
 checkpoints may hold folders; the declared dependency ranges hold here. (Interrupts, timelines of
 checkpoints and resuming on two machines are in test_resume.py, next to the runs they compare with.)"""
 
@@ -26,6 +26,7 @@ from toyaccel.engine.run_dir import existing_run_files
 from toyaccel.errors import ToyaccelError
 
 
+@pytest.mark.slow
 def test_a_process_whose_random_stream_drifted_stops_every_process(tmp_path):
     """Rank 1 draws one extra random number before its first epoch (TOYACCEL_FAULT=rng-drift): its data
     order would differ from rank 0's. Every process stops before training, with one line naming the rank
@@ -190,6 +191,7 @@ def train_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_afresh(tmp_path):
     """The Slurm job script's --resume auto, for a job preempted before its first checkpoint: the folder holds
     config.json and metrics.jsonl of the same run, so it starts over there, and ends with the weights of an

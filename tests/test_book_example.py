@@ -1,4 +1,4 @@
-"""Issue 2: the book's example, done right, on one process and on real multi-process DDP."""
+"""The book's example, done right, on one process and on real multi-process DDP."""
 
 from __future__ import annotations
 
@@ -31,26 +31,10 @@ from toyaccel.data import (
     load_data,
 )
 from toyaccel.engine.batches import EpochBatchSampler, draw_epoch_seed
+from toyaccel.reference import NeuralNetwork as BookNeuralNetwork  # the book's listing: saved weights load into it
 
 X_TRAIN, Y_TRAIN = torch.tensor(TOY_X_TRAIN), torch.tensor(TOY_Y_TRAIN)
 X_TEST, Y_TEST = torch.tensor(TOY_X_TEST), torch.tensor(TOY_Y_TEST)
-
-
-class BookNeuralNetwork(torch.nn.Module):
-    """The book's listing, copied independently of toyaccel: saved weights must load into it."""
-
-    def __init__(self, num_inputs, num_outputs):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(num_inputs, 30),
-            torch.nn.ReLU(),
-            torch.nn.Linear(30, 20),
-            torch.nn.ReLU(),
-            torch.nn.Linear(20, num_outputs),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 def book_model_from(run_dir) -> BookNeuralNetwork:
@@ -162,6 +146,7 @@ def test_config_defaults_are_the_books_and_bad_values_are_refused():
 # --- one process -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_run_reproduces_the_books_numbers(book_run):
     assert [round(loss, 2) for loss in step_losses(book_run)] == BOOK_LOSSES
     results = read_json(book_run / "results.json")
@@ -173,12 +158,14 @@ def test_default_run_reproduces_the_books_numbers(book_run):
     assert saved["config"]["lr"] == 0.5 and saved["config"]["batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_saved_weights_load_into_the_books_own_class(book_run):
     model = book_model_from(book_run)
     assert accuracy_and_loss(model, X_TRAIN, Y_TRAIN)[0] == 1.0
     assert accuracy_and_loss(model, X_TEST, Y_TEST)[0] == 1.0
 
 
+@pytest.mark.slow
 def test_plain_python_and_fit_give_the_launched_runs_weights(book_run, tmp_path):
     """`python scripts/train.py` (no launcher) and toyaccel.fit are the same program."""
     check_ok(run_python("scripts/train.py", "--no-progress", "--output-dir", str(tmp_path / "plain")))
@@ -192,6 +179,7 @@ def test_plain_python_and_fit_give_the_launched_runs_weights(book_run, tmp_path)
 # --- real DDP ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_are_one_ddp_world_equal_to_one_process_with_the_global_batch(book_run, ddp_run):
     tmp_path = ddp_run
     results = read_json(tmp_path / "results.json")
@@ -207,6 +195,7 @@ def test_two_processes_are_one_ddp_world_equal_to_one_process_with_the_global_ba
     assert results["val_loss"] == pytest.approx(val_loss, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_processes", [3, 5])
 def test_more_processes_than_batches_give_global_metrics(num_processes, tmp_path):
     """The book's script divides by zero from 5 processes on; here 5 processes x batch 1 is one
@@ -227,6 +216,7 @@ def test_more_processes_than_batches_give_global_metrics(num_processes, tmp_path
     assert results["val_loss"] == pytest.approx(val_loss, abs=1e-6) and results["val_accuracy"] == val_acc
 
 
+@pytest.mark.slow
 def test_a_world_too_big_for_the_data_stops_at_start_up_with_what_to_change(tmp_path):
     proc = accelerate_launch("multi_cpu.yaml", "--output-dir", str(tmp_path / "run"), num_processes=3)
     assert proc.returncode != 0
@@ -239,6 +229,7 @@ def test_a_world_too_big_for_the_data_stops_at_start_up_with_what_to_change(tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_log_line_is_the_mean_loss_of_its_steps_however_long_the_window(tmp_path):
     """Training logs the mean of the step losses since the last line; a window of 1500 steps (the loop
     folds its losses every 1024) gives the mean of what the same run logs step by step."""
@@ -251,6 +242,7 @@ def test_a_log_line_is_the_mean_loss_of_its_steps_however_long_the_window(tmp_pa
     assert logged[0]["loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_data_loader_workers_train_the_same_weights_epoch_after_epoch(tmp_path):
     """--num-workers 2 feeds the same batches through a DataLoader whose worker processes are forked
     each epoch, while the sampler shuffles the next epoch's order in a thread: the same weights as the

@@ -1,12 +1,77 @@
-"""The book's chapter 4-5 GPT code as printed (Raschka, "Build a Large Language Model (From Scratch)"),
-kept as the reference toyaccel's GPT is checked against: in tests (same keys, same logits) and in
-scripts/benchmark.py (same losses, and the speed it is compared with). Only the names of what
-the book builds are used here, so that a reader's own copy would behave the same.
+"""The book's code as printed, for comparison (Raschka, "Build a Large Language Model (From Scratch)").
+
+Appendix A's ToyDataset, NeuralNetwork and training loop, and chapters 4-5's GPTModel (attention with
+its stored mask, its LayerNorm and GELU), GPTDatasetV1 and the steps of train_model_simple. The tests
+check toyaccel against them (same keys, same logits, same weights) and scripts/benchmark.py times them
+beside toyaccel's loop. Only torch is imported, and only the names the book uses, so that a reader's own
+copy of the listings would behave the same; toyaccel itself never imports this module.
 """
+
+import contextlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+# ---------------------------------------------------------------------------------------------
+# Appendix A (listings A.5 to A.9)
+
+
+class ToyDataset(Dataset):
+    """The book's dataset: one sample per ``__getitem__``, so the DataLoader collates sample by sample."""
+
+    def __init__(self, X, y):
+        self.features = X
+        self.labels = y
+
+    def __getitem__(self, index):
+        one_x = self.features[index]
+        one_y = self.labels[index]
+        return one_x, one_y
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+
+class NeuralNetwork(torch.nn.Module):
+    def __init__(self, num_inputs, num_outputs):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            # 1st hidden layer
+            torch.nn.Linear(num_inputs, 30),
+            torch.nn.ReLU(),
+            # 2nd hidden layer
+            torch.nn.Linear(30, 20),
+            torch.nn.ReLU(),
+            # output layer
+            torch.nn.Linear(20, num_outputs),
+        )
+
+    def forward(self, x):
+        logits = self.layers(x)
+        return logits
+
+
+def train_epoch(model, train_loader, optimizer, device, autocast=contextlib.nullcontext):
+    """One epoch of listing A.9's loop (with A.9.2's ``.to(device)``); returns the samples trained on.
+    ``autocast``: a context for the forward pass, for a bf16 row (the book's run is fp32: none)."""
+    samples = 0
+    model.train()
+    for features, labels in train_loader:
+        features, labels = features.to(device), labels.to(device)
+        with autocast():
+            logits = model(features)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        samples += labels.shape[0]
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapters 4 and 5
 
 
 class GPTDatasetV1(Dataset):

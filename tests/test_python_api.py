@@ -1,4 +1,4 @@
-"""Issue 7: the Python API, and multi-process training launched from a notebook cell."""
+"""The Python API, and multi-process training launched from a notebook cell."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_errors_are_the_documented_type_with_the_cli_message(tmp_path):
     assert issubclass(toyaccel.ToyaccelError, Exception) and toyaccel.ToyaccelError.exit_code == 2
 
 
+@pytest.mark.slow
 def test_notebook_launcher_runs_real_ddp_equal_to_accelerate_launch(ddp_run, tmp_path):
     """The README's notebook cell, run as a notebook kernel would: forked processes, gloo, one world."""
     cell = textwrap.dedent(f"""
