@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from toyaccel.config import SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file, section_of
+from toyaccel.config import OPTIONS, SECTIONS, TrainConfig, build_config, flag, parse_names, read_config_file
 from toyaccel.engine.launch import launched_rank, launched_world_size
 from toyaccel.errors import Interrupted, ToyaccelError
+from toyaccel.options import option_types
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,11 +40,6 @@ class _Parser(argparse.ArgumentParser):
         return f"; did you mean {' '.join(close)}?" if close else ""
 
 
-def _field_type(f: dataclasses.Field) -> Callable[[str], Any]:
-    kind = str(f.type).split(" |")[0]
-    return {"int": int, "float": float}.get(kind, str)
-
-
 def with_default(f: dataclasses.Field) -> str:
     """The option's help and its default, said once: not where the help already says it, nor for unset options."""
     help_text = f.metadata["help"]
@@ -64,19 +60,21 @@ def train_parser() -> argparse.ArgumentParser:
         epilog="Precedence: defaults < --config file < command-line options.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
-    groups = {name: parser.add_argument_group(f"{name} options") for name in (*SECTIONS, "run")}
-    for f in dataclasses.fields(TrainConfig):
+    groups = {name: parser.add_argument_group(f"{name} options") for name in SECTIONS}
+    types = option_types(TrainConfig)
+    for f in OPTIONS.values():
         help_text = with_default(f)
-        group = groups[section_of(f.name)]
+        group = groups[f.metadata["section"]]
+        kind = types[f.name][0]
         # SUPPRESS: only options the user typed override the config file.
-        if str(f.type).split(" |")[0] == "bool":
+        if kind is bool:
             group.add_argument(
                 flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         else:
             group.add_argument(
                 flag(f.name),
-                type=_field_type(f),
+                type=kind if kind in (int, float) else str,
                 choices=f.metadata.get("choices"),
                 default=argparse.SUPPRESS,
                 help=help_text,

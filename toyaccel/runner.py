@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from toyaccel.config import TrainConfig, applicable_options, run_identity, with_absolute_paths
+from toyaccel.config import DESCRIBED_OPTIONS, TrainConfig, applicable_options, run_identity, with_absolute_paths
 from toyaccel.engine.run import RunResult, train
 from toyaccel.engine.run_dir import default_output_dir
 from toyaccel.engine.trainer import Conventions
 from toyaccel.saved import read_run_config
 from toyaccel.workloads import get_workload
-
-# Options the start-up line's data description already says.
-DESCRIBED_OPTIONS = frozenset({"data", "val_data", "val_fraction", "num_classes", "num_samples", "num_features"})
 
 
 def fit(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
