@@ -19,8 +19,10 @@ from toyaccel.config import (
     TrainConfig,
     applicable_options,
 )
+from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.options import SECTION_NAMES, flag, option, option_names, option_types, sections, workload_defaults
+from toyaccel.workloads import WORKLOADS, register_workload
 
 # The tables as they were written by hand before the options were declared once (toyaccel 0.1).
 HAND_WRITTEN_MLP_OPTIONS = (
@@ -161,3 +163,26 @@ def test_replace_gives_the_new_workload_its_defaults_and_keeps_what_was_given():
 def test_an_option_of_the_other_model_is_refused_in_one_line():
     with pytest.raises(ToyaccelError, match=r"^--n-heads is an option of --model gpt, not of --model mlp$"):
         TrainConfig(n_heads=2)
+
+
+class Stub(Workload):
+    """A workload registered from outside toyaccel: only its option defaults matter here."""
+
+    name = "stub"
+    option_defaults = {"lr": 0.3, "data": "mine"}
+    load_data = build_model = model_shape = model_from_shape = loss = staticmethod(lambda *args: None)
+
+
+@pytest.fixture
+def stub():
+    yield register_workload(Stub())
+    WORKLOADS.pop("stub")
+
+
+def test_a_workload_from_outside_gets_the_shared_defaults_its_own_and_no_model_familys(stub):
+    config = TrainConfig(model="stub")
+    shared = (config.lr, config.data, config.optimizer, config.weight_decay, config.val_fraction, config.epochs)
+    assert shared == (0.3, "mine", "sgd", 0.0, 0.0, 3)
+    assert all(getattr(config, name) is None for name in (*MLP_OPTIONS, *GPT_OPTIONS))
+    with pytest.raises(ToyaccelError, match=r"^--hidden is an option of --model mlp, not of --model stub$"):
+        TrainConfig(model="stub", hidden="4")
