@@ -277,6 +277,7 @@ class TrainConfig:
         return {name: d[name] for name in TRAINING_FIELDS if option_applies(name, d)}
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; the options that took a default take the new run's (its model's)."""
         unset_again = {name: None for name in self.defaulted if name not in changes}
         return dataclasses.replace(self, **unset_again, **changes)
 
