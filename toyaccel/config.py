@@ -46,8 +46,8 @@ WORKLOAD_DEFAULTS = {
 }  # fmt: skip
 # What a workload registered from outside toyaccel (register_workload) starts from, before its option_defaults.
 OWN_WORKLOAD_DEFAULTS = {"val_fraction": 0.0, "optimizer": "sgd"}
-GPT_OPTIONS = ("preset", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
-               "drop_rate", "qkv_bias")  # fmt: skip
+GPT_OPTIONS = ("preset", "init_from", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads",
+               "n_layers", "drop_rate", "qkv_bias")  # fmt: skip
 # The GPT scores every training window (its evaluation is cheap next to its training step): --eval-train is
 # an MLP option. Each family's options default to None (filled from WORKLOAD_DEFAULTS), so that one given to
 # the other model is refused, not silently ignored.
@@ -56,7 +56,7 @@ MLP_OPTIONS = ("label_column", "ignore_columns", "num_features", "num_classes", 
 SECTIONS = {
     "data": ("data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
              "num_classes", "standardize", "tokenizer", "vocab_size", "stride"),
-    "model": ("model", "preset", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
+    "model": ("model", "preset", "init_from", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
                   "warmup_steps", "max_grad_norm"),
@@ -119,6 +119,10 @@ class TrainConfig:
     preset: str | None = _opt(
         None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)", choices=tuple(PRESETS)
     )
+    init_from: str | None = _opt(
+        None, "gpt: start from a Hugging Face GPT-2 folder (save_pretrained's config.json + model.safetensors): "
+        "its shape, weights and tokenizer (fine-tuning)"
+    )
     context_length: int | None = _opt(None, "gpt: tokens per window and size of the position table (default 128)")
     emb_dim: int | None = _opt(None, "gpt: embedding size (default 128)")
     n_heads: int | None = _opt(None, "gpt: attention heads (default 4)")
@@ -177,7 +181,7 @@ class TrainConfig:
         "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
         "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule",
         "warmup_steps", "max_grad_norm",
-        "model", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
+        "model", "init_from", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
         "drop_rate", "qkv_bias", "optimizer", "weight_decay",
     )  # fmt: skip
 
@@ -206,6 +210,11 @@ class TrainConfig:
             tokenizer = self.tokenizer or fills["tokenizer"]
             fills["vocab_size"] = {"bytes": 256, "gpt2": 50257}.get(tokenizer, fills["vocab_size"])
             fills.update(PRESETS.get(self.preset, {}))
+            if isinstance(self.init_from, str):  # validate() names any other type
+                # Imported here: the command line's --help and option errors need no torch start-up.
+                from toyaccel.hf_init import init_from_fills
+
+                fills.update(init_from_fills(self, self.tokenizer or fills["tokenizer"]))
         for name, value in fills.items():
             self._fill(name, value)
         if gpt:
@@ -419,10 +428,10 @@ def unset(name: str, value: Any) -> bool:
 
 
 def with_absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the --data and --val-data paths made absolute (relative ones are relative to the
+    """``options`` with the --data, --val-data and --init-from paths made absolute (relative ones are relative to the
     current directory): config.json records them so, and a run evaluates from anywhere."""
     resolved = dict(options)
-    for name in ("data", "val_data"):
+    for name in ("data", "val_data", "init_from"):
         value = resolved.get(name)
         if isinstance(value, str) and value and not (name == "data" and value in ("toy", "synthetic")):
             resolved[name] = os.path.abspath(value)

@@ -18,6 +18,7 @@ from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
+from toyaccel.hf_init import check_init_folder, load_init_weights
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.text import (
     TextBundle,
@@ -49,14 +50,18 @@ class GPTWorkload(Workload):
     MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
     def load_data(self, config: TrainConfig) -> TextBundle:
-        return load_text_data(config)
+        # An --init-from folder is checked here, before the run writes anything; its tokenizer reads the text.
+        return load_text_data(config, check_init_folder(config) if config.init_from else None)
 
     def model_shape(self, config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
         """The book's GPT_CONFIG dict."""
         return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
 
     def build_model(self, config: TrainConfig, data: TextBundle) -> GPTModel:
-        return GPTModel(self.model_shape(config, data), pad_vocab_to=VOCAB_MULTIPLE)
+        model = GPTModel(self.model_shape(config, data), pad_vocab_to=VOCAB_MULTIPLE)
+        if config.init_from:  # fine-tuning: the initial weights drawn above are replaced
+            load_init_weights(model, config.init_from)
+        return model
 
     def model_from_shape(self, shape: dict[str, Any]) -> GPTModel:
         return GPTModel(shape)
