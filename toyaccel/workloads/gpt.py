@@ -17,7 +17,7 @@ from toyaccel.engine.reporting import say
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
+from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel, flops_per_token
 from toyaccel.hf_init import check_init_folder, load_init_weights
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.text import (
@@ -87,15 +87,21 @@ class GPTWorkload(Workload):
             record[f"{name}_loss"], record[f"{name}_ppl"] = m["loss"], m["perplexity"]
         return record
 
-    def throughput(self, samples_per_s: float, config: TrainConfig) -> dict[str, float]:
-        """A sample is a window of context_length tokens: language models are compared in tokens/s."""
-        return {"tokens_per_s": samples_per_s * config.context_length}
+    def throughput(self, samples_per_s: float, config: TrainConfig, peak_flops: float | None = None):
+        """A sample is a window of context_length tokens: language models are compared in tokens/s, and on a
+        known GPU in MFU, the model FLOPs done (6N plus attention per token) over the device's peak."""
+        tokens_per_s = samples_per_s * config.context_length
+        if not peak_flops:
+            return {"tokens_per_s": tokens_per_s}
+        model_flops = tokens_per_s * flops_per_token(self.model_shape(config))
+        return {"tokens_per_s": tokens_per_s, "mfu": model_flops / peak_flops}
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig,
+                       peak_flops: float | None = None):  # fmt: skip
         return {
             "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
             "train_perplexity": metrics["train"]["perplexity"],
-            **self.throughput(samples_per_s, config),
+            **self.throughput(samples_per_s, config, peak_flops),
             "best_possible_loss": best_possible_loss(config),
         }
 
