@@ -36,9 +36,9 @@ def sample_text(words: int = 1500) -> str:
     return " ".join(WORDS[i] + ("." if i % 7 == 0 else "") for i in picks) + "\n"
 
 
-def gpt2_folder(folder: Path, tokenizer_form: str | None = "tokenizer.json", **overrides) -> Path:
+def gpt2_folder(folder: Path, tokenizer_form: str | None = "tokenizer.json", seed: int = 0, **overrides) -> Path:
     """A random GPT-2 written by save_pretrained, and (unless ``tokenizer_form`` is None) its byte-level BPE."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     shape = {"vocab_size": VOCAB, "n_positions": CONTEXT, "n_embd": 16, "n_layer": 2, "n_head": 2, **overrides}
     config = transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
@@ -125,6 +125,19 @@ def test_a_folder_without_tokenizer_files_takes_the_tokenizer_option(tmp_path, t
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert saved["tokenizer"] == {"type": "bytes", "size": 256} and saved["model"]["vocab_size"] == VOCAB
     assert result.global_step > 0
+
+
+@pytest.mark.slow
+def test_the_folder_is_part_of_the_runs_identity(tmp_path, text_file, capsys):
+    """A resume from another folder (same shape, other weights) is refused, naming init_from."""
+    first, other = gpt2_folder(tmp_path / "gpt2"), gpt2_folder(tmp_path / "other", seed=1)
+    args = ["--model", "gpt", "--data", str(text_file), "--epochs", "1", "--batch-size", "64", "--no-progress",
+            "--no-plot", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert train_main([*args, "--init-from", str(first)]) == 0
+    capsys.readouterr()
+    assert train_main([*args, "--init-from", str(other), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume, this run differs from it: init_from: checkpoint '{first}', now '{other}'" in err
 
 
 def drop_tensor(folder: Path, name: str) -> None:
