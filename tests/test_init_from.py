@@ -21,6 +21,7 @@ from toyaccel.config import build_config
 from toyaccel.export import export_run
 from toyaccel.text import TextWindows
 from toyaccel.workloads import get_workload
+from toyaccel.workloads.gpt import generate_from_run
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -115,6 +116,11 @@ def test_fine_tuning_starts_at_transformers_loss_with_the_folders_tokenizer_and_
     assert exported_tok(text_file.read_text())["input_ids"] == ids.tolist()
     with torch.no_grad():
         assert torch.allclose(load_model(run).eval()(inputs[:4]), exported(inputs[:4]).logits, atol=1e-4, rtol=0)
+        prompt = exported_tok("every effort moves you", return_tensors="pt")["input_ids"]
+        theirs = exported.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    # toyaccel-generate reads the same tokenizer from the run folder: the same greedy continuation.
+    run_tok = tokenizers.Tokenizer.from_file(str(run / "tokenizer.json"))
+    assert generate_from_run(run, "every effort moves you", max_new_tokens=6) == run_tok.decode(theirs)
 
 
 @pytest.mark.slow
