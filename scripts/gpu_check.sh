@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device check: on a bare GPU machine, the GPU tests (tests/test_gpu.py) and the GPU rows of
-# scripts/benchmark.py, in at most 8 minutes, with no installs and no network. The project is put
+# The device check: on a bare GPU machine, the GPU tests (tests/test_gpu.py), the GPU rows of
+# scripts/benchmark.py and the single-GPU record row (scripts/gpu_record.py: GPT-2 124M trained by
+# scripts/train.py on memory-mapped shards), in at most 11 minutes, with no installs and no network. The project is put
 # on the path (PYTHONPATH=repo root), not installed.
 #
 #   bash scripts/gpu_check.sh                 # logs and benchmark.json in a new temporary folder
@@ -9,7 +10,8 @@
 # On a machine without CUDA it runs too: every GPU test says it is skipped and why, and the benchmark
 # is skipped, so CI exercises this script. Exit status: non-zero if any test or the benchmark failed
 # (or ran past its time limit). Settings: PYTHON (default python3), GPU_CHECK_TEST_SECONDS (180),
-# GPU_CHECK_BENCH_SECONDS (170, the MLP rows), GPU_CHECK_GPT_SECONDS (130, the GPT rows: GPT-124M, compiled).
+# GPU_CHECK_BENCH_SECONDS (170, the MLP rows), GPU_CHECK_GPT_SECONDS (130, the GPT rows: GPT-124M, compiled),
+# GPU_CHECK_RECORD_SECONDS (180, the record row), GPU_CHECK_RECORD_STEPS (150) and GPU_CHECK_RECORD_BATCH (32).
 # Each step writes what it has measured so far, so a step stopped at its limit still leaves its figures.
 set -u -o pipefail
 
@@ -19,6 +21,9 @@ PYTHON=${PYTHON:-python3}
 TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-180}
 BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-170}
 GPT_SECONDS=${GPU_CHECK_GPT_SECONDS:-130}
+RECORD_SECONDS=${GPU_CHECK_RECORD_SECONDS:-180}
+RECORD_STEPS=${GPU_CHECK_RECORD_STEPS:-150}
+RECORD_BATCH=${GPU_CHECK_RECORD_BATCH:-32}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # the steps below run from the repository
 cd "$REPO" || exit 2
@@ -67,6 +72,12 @@ if [ "$gpus" -gt 0 ]; then
     limited "$GPT_SECONDS" "$PYTHON" scripts/benchmark.py --devices cuda --parts gpt --gpt-steps 4 --gpt-repeats 2 \
         --output "$OUT/benchmark_gpt.json" 2>&1 | tee "$OUT/benchmark_gpt.log"
     outcome $? "GPT benchmark"
+    # Issue 22's record (>= 470k tokens/s, >= 40% MFU on one H200), through scripts/train.py itself.
+    echo "== single-GPU record row: GPT-2 124M, context 1024, bf16, compiled, $RECORD_STEPS steps of batch" \
+        "$RECORD_BATCH on memory-mapped shards (limit ${RECORD_SECONDS}s)"
+    limited "$RECORD_SECONDS" "$PYTHON" scripts/gpu_record.py --out "$OUT/record" --steps "$RECORD_STEPS" \
+        --batch-size "$RECORD_BATCH" 2>&1 | tee "$OUT/record.log"
+    outcome $? "record row"
 else
     echo "== benchmark, GPU rows: skipped (no CUDA GPU)" | tee "$OUT/benchmark.log"
 fi
@@ -91,6 +102,10 @@ if (out / "gpu_tests.xml").exists():
                 print(f"  {outcome}: {case.get('name')}: {first[:150]}")
 else:
     print("GPU tests: no report (stopped before the end)")
+record = out / "record.log"
+if record.exists():  # its last "record:" line is the result, or says why there is none
+    lines = [line for line in record.read_text().splitlines() if line.startswith("record:")]
+    print(lines[-1] if lines else "record: no result (stopped before the end; see record.log)")
 for name in ("benchmark.json", "benchmark_gpt.json"):
     if not (out / name).exists():
         continue

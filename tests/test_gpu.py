@@ -225,6 +225,21 @@ def test_gpt_with_dropout_resumes_bit_exact_on_gpu(tmp_path):
 
 
 @needs_gpu
+def test_gpt_reports_its_mfu_on_a_known_gpu(tmp_path, capsys):
+    """Step lines, metrics.jsonl and results.json carry the MFU beside tokens/s, a fraction of the peak."""
+    from toyaccel.engine.placement import dense_bf16_peak
+
+    if dense_bf16_peak(torch.device("cuda")) is None:
+        pytest.skip(f"{torch.cuda.get_device_name()} is not in the table of known peaks: no MFU is claimed")
+    run = tmp_path / "run"
+    assert train_main([*GPT_RUN, "--epochs", "1", "--output-dir", str(run)]) == 0
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps and all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in steps)
+    assert 0 < read_json(run / "results.json")["mfu"] < 1
+    assert re.search(r"tokens/s \| mfu \d+\.\d%", capsys.readouterr().out)
+
+
+@needs_gpu
 def test_gpu_checkpoint_resumes_on_a_cpu_machine(gpu_reference, gpu_killed, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(gpu_killed, out)

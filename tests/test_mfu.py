@@ -1,11 +1,18 @@
-"""Model FLOPs per token, against the parameters a GPTModel actually has."""
+"""MFU: model FLOPs per token (against the parameters a GPTModel actually has) x tokens/s over the GPU's peak."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
-from toyaccel.engine.placement import dense_bf16_peak
+from toyaccel import fit
+from toyaccel.config import build_config
+from toyaccel.engine.placement import dense_bf16_peak, peak_of_gpu
+from toyaccel.engine.reporting import format_record
 from toyaccel.gpt_model import GPTModel, flops_per_token
+from toyaccel.workloads import get_workload
 
 GPT2_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
              "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
@@ -24,3 +31,34 @@ def test_flops_per_token_is_six_per_multiplied_weight_plus_attention():
 
 def test_no_peak_is_claimed_for_a_cpu():
     assert dense_bf16_peak(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("Tesla T4", None)],
+)
+def test_the_peak_is_the_known_gpus_dense_bf16_figure(name, tflops):
+    assert peak_of_gpu(name) == (tflops * 1e12 if tflops else None)
+
+
+def test_mfu_is_model_flops_per_second_over_the_peak_beside_tokens_per_s():
+    config = build_config(model="gpt", preset="gpt2-124m", data="synthetic", tokenizer="bpe")
+    gpt = get_workload("gpt")
+    figures = gpt.throughput(400.0, config, peak_flops=989e12)  # 400 windows of 1024 tokens a second
+    assert figures == {"tokens_per_s": 409600.0, "mfu": 409600.0 * flops_per_token(GPT2_124M) / 989e12}
+    assert round(figures["mfu"], 3) == 0.354  # 0.86 GFLOP x 409.6k tokens/s of 989 TFLOP/s
+    assert format_record({"epoch": 1, "step": 5, **figures}, 1) == "epoch 1/1 | step 5 | 409600 tokens/s | mfu 35.4%"
+    # Where the device is not a known GPU (a CPU), nothing is claimed: the figures are today's.
+    assert gpt.throughput(400.0, config) == {"tokens_per_s": 409600.0}
+    assert "mfu" not in gpt.result_metrics({"train": {"perplexity": 2.0}}, 400.0, config, peak_flops=None)
+    assert gpt.result_metrics({"train": {"perplexity": 2.0}}, 400.0, config, peak_flops=989e12)["mfu"] == figures["mfu"]
+
+
+@pytest.mark.slow
+def test_a_cpu_run_carries_no_mfu(tmp_path):
+    result = fit(model="gpt", context_length=16, emb_dim=16, n_heads=2, n_layers=1, num_samples=600, epochs=1,
+                 log_every=1, output_dir=str(tmp_path / "run"), progress=False, plot=False)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert result.tokens_per_s > 0 and "mfu" not in result.metrics
+    assert "mfu" not in json.loads((tmp_path / "run/results.json").read_text())
+    assert records and all("mfu" not in r for r in records)

@@ -10,7 +10,6 @@ and text modules import from here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +137,11 @@ class TrainConfig:
         None, "gpt: the book's GPT_CONFIG_124M shape (options given override it)",
         section="model", workload=GPT, choices=tuple(PRESETS),
     )  # fmt: skip
+    init_from: str | None = option(
+        None, "gpt: start from a Hugging Face GPT-2 folder (save_pretrained's config.json + model.safetensors): "
+        "its shape, weights and tokenizer (fine-tuning)",
+        section="model", workload=GPT, identity=True,
+    )  # fmt: skip
     context_length: int | None = option(
         128, "gpt: tokens per window and size of the position table (default 128)",
         section="model", workload=GPT, identity=True,
@@ -245,9 +249,7 @@ class TrainConfig:
         if self.model not in MODELS:  # registered from outside toyaccel: it brings its own defaults
             fills.update(get_workload(self.model).option_defaults)
 
-        def chosen(name: str) -> Any:
-            return getattr(self, name) or fills.get(name)
-
+        chosen = Chosen(self, fills)
         for rule in DEFAULT_RULES:
             fills.update(rule(chosen))
         filled = {
@@ -282,43 +284,65 @@ class TrainConfig:
         return dataclasses.replace(self, **unset_again, **changes)
 
 
+class Chosen:
+    """An option's value as the default rules see it: given, or its default so far. ``given``: the options
+    as given (None where not)."""
+
+    def __init__(self, given: TrainConfig, fills: dict[str, Any]):
+        self.given, self.fills = given, fills
+
+    def __call__(self, name: str) -> Any:
+        return getattr(self.given, name) or self.fills.get(name)
+
+
 # The defaults that depend on other options, each a function of ``chosen`` (an option's value: given, or
 # its default so far), applied in this order after the declared defaults. Only options of the run's
 # workload are filled: the GPT's rules do nothing for the MLP.
-def no_split_beside_val_data(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def no_split_beside_val_data(chosen: Chosen) -> dict[str, Any]:
     """Given a validation set, no fraction of the training data is held out."""
     return {"val_fraction": 0.0} if chosen("val_data") else {}
 
 
-def weight_decay_by_optimizer(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def weight_decay_by_optimizer(chosen: Chosen) -> dict[str, Any]:
     """AdamW decays the weights by 0.1 as the book's chapter 5 does; SGD (Appendix A) not at all."""
     return {"weight_decay": 0.1 if chosen("optimizer") == "adamw" else 0.0}
 
 
-def tokenizer_by_data(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def tokenizer_by_data(chosen: Chosen) -> dict[str, Any]:
     """The synthetic text's entropy is known per character, so it is read byte by byte."""
     return {"tokenizer": "bytes" if chosen("data") == "synthetic" else "bpe"}
 
 
-def vocab_size_by_tokenizer(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def vocab_size_by_tokenizer(chosen: Chosen) -> dict[str, Any]:
     """A fixed tokenizer's own vocabulary; the BPE learns up to the declared default."""
     size = {"bytes": 256, "gpt2": 50257}.get(chosen("tokenizer"))
     return {} if size is None else {"vocab_size": size}
 
 
-def preset_shape(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def preset_shape(chosen: Chosen) -> dict[str, Any]:
     """--preset fills the model options not given (after the tokenizer's vocabulary: it names its own)."""
     return PRESETS.get(chosen("preset"), {})
 
 
-def stride_is_context_length(chosen: Callable[[str], Any]) -> dict[str, Any]:
+def shape_of_init_folder(chosen: Chosen) -> dict[str, Any]:
+    """--init-from's folder fixes the model's shape (and its tokenizer, where it has one): after the preset's
+    and the tokenizer's, and checked against the options given."""
+    if chosen.given.model != GPT or not isinstance(chosen("init_from"), str):  # validate() names another type
+        return {}
+    # Imported here: the command line's --help and option errors need no torch start-up.
+    from toyaccel.hf_init import init_from_fills
+
+    return init_from_fills(chosen.given, chosen("tokenizer"))
+
+
+def stride_is_context_length(chosen: Chosen) -> dict[str, Any]:
     """Windows side by side, as the book's create_dataloader_v1 makes them."""
     return {"stride": chosen("context_length")}
 
 
 DEFAULT_RULES = (
     no_split_beside_val_data, weight_decay_by_optimizer, tokenizer_by_data, vocab_size_by_tokenizer, preset_shape,
-    stride_is_context_length,
+    shape_of_init_folder, stride_is_context_length,
 )  # fmt: skip
 
 # Every table of which option belongs to what, derived from the declarations above.

@@ -90,9 +90,10 @@ def _expected_shapes(cfg: dict[str, Any], tied: bool) -> dict[str, tuple[int, ..
     return shapes
 
 
-def read_hf_weights(folder: str | Path, cfg: dict[str, Any], tied: bool) -> dict[str, torch.Tensor]:
+def read_hf_weights(folder: str | Path, cfg: dict[str, Any], tied: bool, load: bool = True) -> dict[str, torch.Tensor]:
     """The GPT-2 tensors of ``folder``'s model.safetensors, every one present with the shape its config
-    says; one line naming the file and the first problem otherwise."""
+    says; one line naming the file and the first problem otherwise. ``load=False`` checks the names and
+    shapes from the file's header alone and returns nothing (a check before a run writes anything)."""
     path = Path(folder) / HF_WEIGHTS
     expected = _expected_shapes(cfg, tied)
     tensors = {}
@@ -104,12 +105,11 @@ def read_hf_weights(folder: str | Path, cfg: dict[str, Any], tied: bool) -> dict
                 stored = names.get(key.removeprefix("transformer."))
                 if stored is None:
                     raise ToyaccelError(f"{path}: missing tensor {key}")
-                tensor = f.get_tensor(stored)
-                if tuple(tensor.shape) != shape:
-                    raise ToyaccelError(
-                        f"{path}: {key} has shape {list(tensor.shape)}, its config.json says {list(shape)}"
-                    )
-                tensors[key] = tensor.float()
+                found = tuple(f.get_slice(stored).get_shape())
+                if found != shape:
+                    raise ToyaccelError(f"{path}: {key} has shape {list(found)}, its config.json says {list(shape)}")
+                if load:
+                    tensors[key] = f.get_tensor(stored).float()
     except FileNotFoundError:
         raise ToyaccelError(f"{path}: no such file (a GPT-2 folder holds config.json and model.safetensors)") from None
     except ToyaccelError:

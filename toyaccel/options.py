@@ -156,10 +156,10 @@ def unset(name: str, value: Any) -> bool:
 
 
 def with_absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the --data and --val-data paths made absolute (relative ones are relative to the
-    current directory): config.json records them so, and a run evaluates from anywhere."""
+    """``options`` with the --data, --val-data and --init-from paths made absolute (relative ones are relative
+    to the current directory): config.json records them so, and a run evaluates from anywhere."""
     resolved = dict(options)
-    for name in ("data", "val_data"):
+    for name in ("data", "val_data", "init_from"):
         value = resolved.get(name)
         if isinstance(value, str) and value and not (name == "data" and value in ("toy", "synthetic")):
             resolved[name] = os.path.abspath(value)

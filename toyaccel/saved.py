@@ -20,7 +20,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     saved = read_config_json(run_dir)
     path = Path(run_dir) / "config.json"
     try:
-        options = saved.get("config", {})
+        # The --init-from folder a run started from is not read again: the run's files are all it needs.
+        options = {k: v for k, v in saved.get("config", {}).items() if k != "init_from"}
         build_config(None, **{k: v for k, v in options.items() if k in TrainConfig.TRAINING_FIELDS})
     except ToyaccelError as e:
         raise ToyaccelError(f"{path}: config: {e}") from None

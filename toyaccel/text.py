@@ -282,8 +282,9 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
-    """The tokenizer and the ids of both texts, computed by the first process and cached for the rest."""
+def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None, given=None):
+    """The tokenizer and the ids of both texts, computed by the first process and cached for the rest.
+    ``given``: a ready tokenizer (an --init-from folder's) used as it is, instead of one trained here."""
     if kind == "bytes":  # nothing to learn and nothing slow: no cache
         train = torch.frombuffer(bytearray(train_text.encode("utf-8")), dtype=torch.uint8).long()
         val = torch.frombuffer(bytearray(val_text.encode("utf-8")), dtype=torch.uint8).long() if val_text else None
@@ -291,11 +292,13 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
     h = hashlib.sha256(f"{kind}\0{vocab_size}\0{len(train_text)}\0".encode())
     h.update(train_text.encode("utf-8"))
     h.update(b"\0" + (val_text or "").encode("utf-8"))
+    if given is not None:
+        h.update(b"\0" + given.to_json().encode("utf-8"))
     folder = cache_dir() / h.hexdigest()[:32]
     try:
         with file_lock(folder.with_suffix(".lock")):
             if not (folder / "tokens.safetensors").exists():
-                write_cache(folder, kind, vocab_size, train_text, val_text)
+                write_cache(folder, kind, vocab_size, train_text, val_text, given)
             tokens = load_file(str(folder / "tokens.safetensors"))
             tokenizer = (
                 GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.from_str((folder / "tokenizer.json").read_text())
@@ -307,8 +310,8 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
     return tokenizer, tokens["train"], tokens.get("val")
 
 
-def write_cache(folder: Path, kind: str, vocab_size: int, train_text: str, val_text: str | None) -> None:
-    tokenizer = GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.train(train_text, vocab_size)
+def write_cache(folder: Path, kind: str, vocab_size: int, train_text: str, val_text: str | None, given=None) -> None:
+    tokenizer = given or (GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.train(train_text, vocab_size))
     tokens = {"train": torch.tensor(tokenizer.encode(train_text), dtype=torch.int64)}
     if val_text:
         tokens["val"] = torch.tensor(tokenizer.encode(val_text), dtype=torch.int64)
@@ -376,14 +379,15 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str | None]:
     return text[:split_idx], text[split_idx:]
 
 
-def load_text_data(config) -> TextBundle:
-    """Training and validation windows for a ``--model gpt`` config; ToyaccelError on any bad input."""
+def load_text_data(config, tokenizer=None) -> TextBundle:
+    """Training and validation windows for a ``--model gpt`` config; ToyaccelError on any bad input.
+    ``tokenizer``: a ready one (an --init-from folder's) rather than the one --tokenizer makes."""
     text = source_text(config.data, config.num_samples, config.seed)
     source = "the synthetic text" if config.data == "synthetic" else config.data
     train_text, val_text = split_text(text, config.val_fraction)
     if config.val_data:
         val_text = read_text(config.val_data)
-    tokenizer, train_ids, val_ids = tokenize(config.tokenizer, config.vocab_size, train_text, val_text)
+    tokenizer, train_ids, val_ids = tokenize(config.tokenizer, config.vocab_size, train_text, val_text, tokenizer)
     largest = max(int(ids.max()) for ids in (train_ids, val_ids) if ids is not None and ids.numel())
     if largest >= config.vocab_size:
         raise ToyaccelError(

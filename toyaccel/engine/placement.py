@@ -109,7 +109,16 @@ def gpu_description(device: torch.device, tf32: bool, placement: DataPlacement, 
 
 def dense_bf16_peak(device: torch.device) -> float | None:
     """FLOP/s of ``device``'s dense bf16 peak where it is a GPU of DENSE_BF16_TFLOPS, else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_of_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_of_gpu(name: str) -> float | None:
+    """FLOP/s of the dense bf16 peak of the GPU called ``name`` (as CUDA names it), None where it is unknown."""
     return next((tflops * 1e12 for gpu, tflops in DENSE_BF16_TFLOPS.items() if gpu in name), None)
+
+
+def world_bf16_peak(accelerator) -> float | None:
+    """The dense bf16 peak of all the run's processes together (one GPU each, all alike), or None: what a
+    global throughput's MFU is taken against."""
+    peak = dense_bf16_peak(accelerator.device)
+    return peak * accelerator.num_processes if peak else None

@@ -104,6 +104,8 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
             parts.append(f"{key} {record[key]:{fmt}}")
     if record.get("tokens_per_s"):
         parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {record['mfu']:.1%}")
     elif record.get("samples_per_s"):
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
     return " | ".join(parts)

@@ -31,7 +31,7 @@ from toyaccel.engine.distributed import check_processes_agree
 from toyaccel.engine.faults import fault_hooks
 from toyaccel.engine.interrupts import StopRequests
 from toyaccel.engine.optim import build_optimizer, learning_rate, optimizer_to_step, own_random_stream
-from toyaccel.engine.placement import choose_placement
+from toyaccel.engine.placement import choose_placement, world_bf16_peak
 from toyaccel.engine.reporting import MetricsLogger, say
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import Interrupted, ToyaccelError
@@ -76,6 +76,7 @@ class Trainer:
         self.placement = None
         self.logger: MetricsLogger | None = None
         self.on_first_step: Callable[[], None] | None = None  # called once this run's first step is done
+        self.peak_flops = world_bf16_peak(accelerator)  # what the workload's MFU is taken against
 
     def place_data(self):
         """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
@@ -194,7 +195,8 @@ class Trainer:
         samples_per_s = window.micro_steps * config.batch_size * accelerator.num_processes / window.seconds()
         self.logger.log({
             "kind": "step", "epoch": self.state.epoch + 1, "step": self.state.global_step, "loss": loss, "lr": lr,
-            "samples_per_s": samples_per_s, **self.job.workload.throughput(samples_per_s, config),
+            "samples_per_s": samples_per_s,
+            **self.job.workload.throughput(samples_per_s, config, peak_flops=self.peak_flops),
         })  # fmt: skip
         window.restart()
         return loss

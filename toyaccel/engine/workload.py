@@ -69,12 +69,17 @@ class Workload(abc.ABC):
         """What an epoch's log line and metrics.jsonl record carry from the evaluation."""
         return {f"{name}_loss": m["loss"] for name, m in metrics.items()}
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config) -> dict[str, Any]:
-        """The workload's own figures in results.json (and RunResult.metrics), beside the losses."""
+    def result_metrics(
+        self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config, peak_flops: float | None = None
+    ) -> dict[str, Any]:
+        """The workload's own figures in results.json (and RunResult.metrics), beside the losses.
+        ``peak_flops``: as for ``throughput``."""
         return {}
 
-    def throughput(self, samples_per_s: float, config) -> dict[str, float]:
-        """What a step's log line adds to samples/s (a language model's tokens/s)."""
+    def throughput(self, samples_per_s: float, config, peak_flops: float | None = None) -> dict[str, float]:
+        """What a step's log line adds to samples/s (a language model's tokens/s, and its MFU). ``peak_flops``:
+        the dense bf16 peak FLOP/s of all the run's devices together, None where the device is not a known
+        GPU (then no MFU is claimed)."""
         return {}
 
     def describe_data(self, data) -> str:

@@ -17,7 +17,8 @@ from toyaccel.engine.reporting import say
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
+from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel, flops_per_token
+from toyaccel.hf_init import check_init_folder, load_init_weights
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.text import (
     TextBundle,
@@ -49,14 +50,18 @@ class GPTWorkload(Workload):
     MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
     def load_data(self, config: TrainConfig) -> TextBundle:
-        return load_text_data(config)
+        # An --init-from folder is checked here, before the run writes anything; its tokenizer reads the text.
+        return load_text_data(config, check_init_folder(config) if config.init_from else None)
 
     def model_shape(self, config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
         """The book's GPT_CONFIG dict."""
         return {k: getattr(config, k) for k in GPT_CONFIG_KEYS}
 
     def build_model(self, config: TrainConfig, data: TextBundle) -> GPTModel:
-        return GPTModel(self.model_shape(config, data), pad_vocab_to=VOCAB_MULTIPLE)
+        model = GPTModel(self.model_shape(config, data), pad_vocab_to=VOCAB_MULTIPLE)
+        if config.init_from:  # fine-tuning: the initial weights drawn above are replaced
+            load_init_weights(model, config.init_from)
+        return model
 
     def model_from_shape(self, shape: dict[str, Any]) -> GPTModel:
         return GPTModel(shape)
@@ -82,15 +87,21 @@ class GPTWorkload(Workload):
             record[f"{name}_loss"], record[f"{name}_ppl"] = m["loss"], m["perplexity"]
         return record
 
-    def throughput(self, samples_per_s: float, config: TrainConfig) -> dict[str, float]:
-        """A sample is a window of context_length tokens: language models are compared in tokens/s."""
-        return {"tokens_per_s": samples_per_s * config.context_length}
+    def throughput(self, samples_per_s: float, config: TrainConfig, peak_flops: float | None = None):
+        """A sample is a window of context_length tokens: language models are compared in tokens/s, and on a
+        known GPU in MFU, the model FLOPs done (6N plus attention per token) over the device's peak."""
+        tokens_per_s = samples_per_s * config.context_length
+        if not peak_flops:
+            return {"tokens_per_s": tokens_per_s}
+        model_flops = tokens_per_s * flops_per_token(self.model_shape(config))
+        return {"tokens_per_s": tokens_per_s, "mfu": model_flops / peak_flops}
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig,
+                       peak_flops: float | None = None):  # fmt: skip
         return {
             "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
             "train_perplexity": metrics["train"]["perplexity"],
-            **self.throughput(samples_per_s, config),
+            **self.throughput(samples_per_s, config, peak_flops),
             "best_possible_loss": best_possible_loss(config),
         }
 

@@ -53,7 +53,8 @@ class MLPWorkload(Workload):
             record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
         return record
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig,
+                       peak_flops: float | None = None):  # fmt: skip
         return {
             "train_accuracy": metrics["train"]["accuracy"],
             "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else None,
