@@ -13,8 +13,8 @@ from conftest import REPO, accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import Columns, ToyDataset, load_data, read_fast, read_slow, read_table
 from toyaccel.engine.batches import eval_batches
+from toyaccel.workloads.mlp.data import Columns, ToyDataset, load_data, read_fast, read_slow, read_table
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from toyaccel.engine.placement import dense_bf16_peak
-from toyaccel.gpt_model import GPTModel, flops_per_token
+from toyaccel.workloads.gpt.model import GPTModel, flops_per_token
 
 GPT2_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
              "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip

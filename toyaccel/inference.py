@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from toyaccel.config import TrainConfig, build_config
-from toyaccel.data import (
+from toyaccel.engine.launch import launched_world_size
+from toyaccel.engine.placement import choose_placement
+from toyaccel.engine.run_dir import write_atomic
+from toyaccel.errors import ToyaccelError
+from toyaccel.saved import load_model, read_run_config
+from toyaccel.workloads import workload_of_run
+from toyaccel.workloads.mlp.data import (
     TOY_X_TEST,
     TOY_Y_TEST,
     Classes,
@@ -28,14 +34,8 @@ from toyaccel.data import (
     read_table,
     saved_classes,
 )
-from toyaccel.engine.launch import launched_world_size
-from toyaccel.engine.placement import choose_placement
-from toyaccel.engine.run_dir import write_atomic
-from toyaccel.errors import ToyaccelError
-from toyaccel.model import NeuralNetwork
-from toyaccel.saved import load_model, read_run_config
-from toyaccel.workloads import workload_of_run
-from toyaccel.workloads.mlp import EVAL_BATCH_SIZE, evaluate
+from toyaccel.workloads.mlp.model import NeuralNetwork
+from toyaccel.workloads.mlp.workload import EVAL_BATCH_SIZE, evaluate
 
 
 @dataclass
@@ -80,7 +80,7 @@ class SavedRun:
 
 
 def gpt_workload():
-    from toyaccel.workloads import gpt
+    from toyaccel.workloads.gpt import workload as gpt
 
     return gpt
 

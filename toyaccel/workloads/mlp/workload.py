@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, check_count, check_fits, mlp_parameters, parse_hidden
-from toyaccel.data import DataBundle, ToyDataset, load_data, training_sample
 from toyaccel.engine.batches import eval_batches
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.model import NeuralNetwork
+from toyaccel.workloads.mlp.data import DataBundle, ToyDataset, load_data, training_sample
+from toyaccel.workloads.mlp.model import NeuralNetwork
 
 # Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
 # ~4 ms at 4096 rows a batch against ~10 ms at 256, on one CPU thread), and activations stay small.

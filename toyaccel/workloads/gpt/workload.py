@@ -17,9 +17,10 @@ from toyaccel.engine.reporting import say
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.saved import load_model, read_run_config
-from toyaccel.text import (
+from toyaccel.workloads import workload_of_run
+from toyaccel.workloads.gpt.model import GPT_CONFIG_KEYS, GPTModel
+from toyaccel.workloads.gpt.text import (
     TextBundle,
     TextWindows,
     best_possible_loss,
@@ -30,7 +31,6 @@ from toyaccel.text import (
     source_text,
     split_text,
 )
-from toyaccel.workloads import workload_of_run
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
