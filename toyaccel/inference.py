@@ -22,18 +22,9 @@ from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.workloads import workload_of_run
-from toyaccel.workloads.mlp.data import (
-    TOY_X_TEST,
-    TOY_Y_TEST,
-    Classes,
-    ToyDataset,
-    apply_standardization,
-    class_indices,
-    columns_present,
-    load_data,
-    read_table,
-    saved_classes,
-)
+from toyaccel.workloads.mlp.classes import Classes, class_indices, saved_classes
+from toyaccel.workloads.mlp.csv_reader import columns_present, read_table
+from toyaccel.workloads.mlp.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data
 from toyaccel.workloads.mlp.model import NeuralNetwork
 from toyaccel.workloads.mlp.workload import EVAL_BATCH_SIZE, evaluate
 
