@@ -287,7 +287,7 @@ def test_bpe_on_a_folder_of_text_files(tmp_path, capsys):
 
 def test_gpt2_tokenizer_is_the_books_where_tiktoken_has_its_files():
     from toyaccel.errors import ToyaccelError
-    from toyaccel.workloads.gpt.text import GPT2Tokenizer
+    from toyaccel.workloads.gpt.tokenizers import GPT2Tokenizer
 
     try:
         tokenizer = GPT2Tokenizer()

@@ -28,7 +28,9 @@ from toyaccel.engine import (
     wait_for_checkpoint,
 )
 from toyaccel.workloads import get_workload
-from toyaccel.workloads.gpt.text import ByteTokenizer, TextBundle, TextWindows, synthetic_text
+from toyaccel.workloads.gpt.text import synthetic_text
+from toyaccel.workloads.gpt.tokenizers import ByteTokenizer
+from toyaccel.workloads.gpt.windows import TextBundle, TextWindows
 from toyaccel.workloads.gpt.workload import VOCAB_MULTIPLE
 from toyaccel.workloads.mlp.data import DataBundle, ToyDataset, load_data, synthetic_blobs
 from toyaccel.workloads.mlp.model import NeuralNetwork

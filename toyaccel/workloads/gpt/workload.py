@@ -20,17 +20,9 @@ from toyaccel.errors import ToyaccelError
 from toyaccel.saved import load_model, read_run_config
 from toyaccel.workloads import workload_of_run
 from toyaccel.workloads.gpt.model import GPT_CONFIG_KEYS, GPTModel
-from toyaccel.workloads.gpt.text import (
-    TextBundle,
-    TextWindows,
-    best_possible_loss,
-    load_text_data,
-    load_tokenizer,
-    perplexity,
-    read_text,
-    source_text,
-    split_text,
-)
+from toyaccel.workloads.gpt.text import best_possible_loss, perplexity, read_text, source_text, split_text
+from toyaccel.workloads.gpt.tokenizers import load_tokenizer
+from toyaccel.workloads.gpt.windows import TextBundle, TextWindows, load_text_data
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
