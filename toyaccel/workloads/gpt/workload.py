@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 
 from toyaccel.config import TOKENIZERS, TrainConfig
 from toyaccel.engine.reporting import say
@@ -115,8 +116,6 @@ class GPTWorkload(Workload):
         a forward on the main process alone would wait forever. Greedy decoding of a fixed length makes the
         same number of forward passes everywhere, and draws no random numbers, so the data order of the next
         epoch does not depend on it."""
-        from accelerate.utils import DistributedType
-
         # FSDP's wrapper is what gathers the shards; elsewhere the plain module does the same maths without
         # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
         fsdp = accelerator.distributed_type == DistributedType.FSDP
