@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toyaccel  # noqa: E402
 from toyaccel.cli import parse_train_args, run_cli  # noqa: E402
-from toyaccel.gpt_model import GPTModel  # noqa: E402
+from toyaccel.workloads.gpt.model import GPTModel  # noqa: E402
 
 STEPS = 3  # training forward passes recorded
 

@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from toyaccel import NeuralNetwork, ToyaccelError, TrainConfig, fit
-from toyaccel.data import (
+from toyaccel.engine.batches import EpochBatchSampler, draw_epoch_seed
+from toyaccel.reference import NeuralNetwork as BookNeuralNetwork  # the book's listing: saved weights load into it
+from toyaccel.workloads.mlp.data import (
     TOY_X_TEST,
     TOY_X_TRAIN,
     TOY_Y_TEST,
     TOY_Y_TRAIN,
     load_data,
 )
-from toyaccel.engine.batches import EpochBatchSampler, draw_epoch_seed
-from toyaccel.reference import NeuralNetwork as BookNeuralNetwork  # the book's listing: saved weights load into it
 
 X_TRAIN, Y_TRAIN = torch.tensor(TOY_X_TRAIN), torch.tensor(TOY_Y_TRAIN)
 X_TEST, Y_TEST = torch.tensor(TOY_X_TEST), torch.tensor(TOY_Y_TEST)

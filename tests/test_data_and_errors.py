@@ -13,8 +13,9 @@ from conftest import REPO, accelerate_launch
 
 from toyaccel import TrainConfig, fit
 from toyaccel.cli import parse_train_args, train_main
-from toyaccel.data import Columns, ToyDataset, load_data, read_fast, read_slow, read_table
 from toyaccel.engine.batches import eval_batches
+from toyaccel.workloads.mlp.csv_reader import Columns, read_fast, read_slow, read_table
+from toyaccel.workloads.mlp.data import ToyDataset, load_data
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

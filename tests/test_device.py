@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from conftest import REPO, subprocess_env
 
-from toyaccel.data import TOY_X_TRAIN, TOY_Y_TRAIN
 from toyaccel.engine.accelerator import release
 from toyaccel.engine.optim import DirectStepper
-from toyaccel.model import NeuralNetwork
+from toyaccel.workloads.mlp.data import TOY_X_TRAIN, TOY_Y_TRAIN
+from toyaccel.workloads.mlp.model import NeuralNetwork
 
 # Large enough that the first steps' scaled gradients overflow float32 and are skipped.
 OVERFLOWING_SCALE = 2.0**127

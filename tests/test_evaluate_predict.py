@@ -416,7 +416,7 @@ def test_eval_every_and_the_training_sample(tmp_path):
     """Epoch-end training metrics score a fixed sample of 8192 rows (--eval-train full: every row); evaluation
     never changes what is trained."""
     from toyaccel.config import EVAL_TRAIN_SAMPLE
-    from toyaccel.data import load_data, training_sample
+    from toyaccel.workloads.mlp.data import load_data, training_sample
 
     options = {"data": "synthetic", "num_samples": 10000, "num_features": 4, "val_fraction": 0.1, "epochs": 2,
                "batch_size": 900, "lr": 0.1, "eval_every": 2, "progress": False, "plot": False}  # fmt: skip

@@ -8,8 +8,8 @@ import torch
 from toyaccel import load_model
 from toyaccel.cli import train_main
 from toyaccel.export import main as export_main
-from toyaccel.text import synthetic_text
-from toyaccel.workloads.gpt import generate_from_run
+from toyaccel.inference import generate_from_run
+from toyaccel.workloads.gpt.text import synthetic_text
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

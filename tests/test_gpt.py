@@ -35,11 +35,11 @@ from toyaccel.cli import evaluate_main, generate_main, train_main
 from toyaccel.engine.checkpoint import checkpoint_dirs
 from toyaccel.engine.optim import own_random_stream
 from toyaccel.engine.resume import verify_checkpoint
-from toyaccel.gpt_model import GPTModel
 from toyaccel.inference import evaluate_run
 from toyaccel.reference import GPTModel as BookGPTModel
 from toyaccel.reference import generate_text_simple
-from toyaccel.text import synthetic_entropy, synthetic_text
+from toyaccel.workloads.gpt.model import GPTModel
+from toyaccel.workloads.gpt.text import synthetic_entropy, synthetic_text
 
 TINY = ("--model", "gpt", "--context-length", "16", "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1")
 TINY += ("--no-plot", "--no-progress", "--lr", "0.003")
@@ -287,7 +287,7 @@ def test_bpe_on_a_folder_of_text_files(tmp_path, capsys):
 
 def test_gpt2_tokenizer_is_the_books_where_tiktoken_has_its_files():
     from toyaccel.errors import ToyaccelError
-    from toyaccel.text import GPT2Tokenizer
+    from toyaccel.workloads.gpt.tokenizers import GPT2Tokenizer
 
     try:
         tokenizer = GPT2Tokenizer()

@@ -19,9 +19,9 @@ from toyaccel import fit, load_model
 from toyaccel.cli import train_main
 from toyaccel.config import build_config
 from toyaccel.export import export_run
-from toyaccel.text import TextWindows
+from toyaccel.inference import generate_from_run
 from toyaccel.workloads import get_workload
-from toyaccel.workloads.gpt import generate_from_run
+from toyaccel.workloads.gpt.windows import TextWindows
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -11,8 +11,8 @@ from toyaccel import fit
 from toyaccel.config import build_config
 from toyaccel.engine.placement import dense_bf16_peak, peak_of_gpu
 from toyaccel.engine.reporting import format_record
-from toyaccel.gpt_model import GPTModel, flops_per_token
 from toyaccel.workloads import get_workload
+from toyaccel.workloads.gpt.model import GPTModel, flops_per_token
 
 GPT2_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
              "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip

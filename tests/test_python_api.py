@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import toyaccel
 from toyaccel import NeuralNetwork, ToyaccelError, TrainConfig, fit, load_model
-from toyaccel.data import TOY_X_TEST, TOY_X_TRAIN
+from toyaccel.workloads.mlp.data import TOY_X_TEST, TOY_X_TRAIN
 
 
 @pytest.fixture(scope="module")

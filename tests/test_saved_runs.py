@@ -67,6 +67,18 @@ def test_generate_gives_the_text_it_gave_then(name, capsys):
         assert capsys.readouterr().out == case["text"]
 
 
+def test_a_command_the_runs_workload_does_not_give_is_one_line(tmp_path, capsys):
+    """toyaccel-predict on a GPT run and toyaccel-generate on an MLP run: refused, naming the workload that does."""
+    capsys.readouterr()
+    target = tmp_path / "predictions.csv"
+    gpt, mlp = FIXTURES / GPT_RUNS[0], FIXTURES / MLP_RUNS[0]
+    assert predict_main([str(gpt), "--data", "toy", "--output", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: {gpt} holds a gpt run; toyaccel-predict needs a --model mlp run\n"
+    assert generate_main([str(mlp)]) == 2
+    assert capsys.readouterr().err == f"error: {mlp} holds a mlp run; toyaccel-generate needs a --model gpt run\n"
+    assert not target.exists()
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_resume_latest_from_the_mid_run_checkpoint_ends_with_the_saved_weights(name, tmp_path, capsys):
     run_dir = tmp_path / name

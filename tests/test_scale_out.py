@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from toyaccel import ToyaccelError, fit, load_model
 from toyaccel.cli import train_main
-from toyaccel.data import TOY_X_TRAIN, TOY_Y_TRAIN
-from toyaccel.model import NeuralNetwork
+from toyaccel.workloads.mlp.data import TOY_X_TRAIN, TOY_Y_TRAIN
+from toyaccel.workloads.mlp.model import NeuralNetwork
 
 # The shared scale-out run: 64 synthetic samples, global batch 8 -> 8 optimizer steps an epoch, 24 in
 # all, with warm-up, cosine decay and clipping (max norm 1 clips some steps, see test_clipping_was_active).

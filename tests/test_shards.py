@@ -15,7 +15,9 @@ from toyaccel.errors import ToyaccelError
 from toyaccel.prepare import main as prepare_main
 from toyaccel.prepare import prepare
 from toyaccel.shards import ShardWindows, read_manifest, split_shards, verify_shards
-from toyaccel.text import BPETokenizer, TextWindows, split_text, synthetic_text
+from toyaccel.workloads.gpt.text import split_text, synthetic_text
+from toyaccel.workloads.gpt.tokenizers import BPETokenizer
+from toyaccel.workloads.gpt.windows import TextWindows
 
 pytest.importorskip("tokenizers")
 

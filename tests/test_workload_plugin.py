@@ -7,8 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from toyaccel import fit, load_model
+from toyaccel import ToyaccelError, fit, load_model
 from toyaccel.engine.workload import Workload
+from toyaccel.inference import evaluate_run, format_evaluation, generate_from_run, predict_file
 from toyaccel.workloads import WORKLOADS, register_workload
 
 TRUE_WEIGHTS = torch.tensor([[1.5, -2.0, 0.5]])
@@ -65,11 +66,37 @@ class LinearRegression(Workload):
         return torch.nn.functional.mse_loss(outputs, targets)
 
 
+class ScoredRegression(LinearRegression):
+    """The regression with its own part of toyaccel-evaluate: the mean squared error on the rows of a seed."""
+
+    name = "scored"
+
+    def evaluation_set(self, run, request):
+        seed = int(request.data or run.saved["config"]["seed"])
+        return regression_rows(seed), {"data": f"the rows of seed {seed}"}
+
+    def evaluate_prepared(self, accelerator, model, dataset, config):
+        with torch.no_grad():
+            return {"loss": torch.nn.functional.mse_loss(model(dataset.x), dataset.y).item()}
+
+
 @pytest.fixture
 def linreg():
     workload = register_workload(LinearRegression())
     yield workload
     WORKLOADS.pop(workload.name)
+
+
+@pytest.fixture
+def scored():
+    workload = register_workload(ScoredRegression())
+    yield workload
+    WORKLOADS.pop(workload.name)
+
+
+def fit_here(name: str, output_dir) -> str:
+    return fit(model=name, epochs=EPOCHS, batch_size=ROWS, seed=SEED, output_dir=str(output_dir), progress=False,
+               plot=False).output_dir  # fmt: skip
 
 
 def plain_pytorch_loop() -> torch.nn.Module:
@@ -105,3 +132,27 @@ def test_a_workload_must_implement_the_interface():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()
+
+
+def test_a_workload_of_ones_own_is_evaluated_by_the_one_inference_shell(scored, tmp_path):
+    run = fit_here("scored", tmp_path / "run")
+    metrics = evaluate_run(run, data="11")
+    expected = torch.nn.functional.mse_loss(load_model(run)(regression_rows(11).x), regression_rows(11).y).item()
+    assert metrics == {"model": "scored", "data": "the rows of seed 11", "loss": expected} and expected < 1e-9
+    assert format_evaluation(metrics) == f"evaluated on the rows of seed 11\nloss {expected:.6f}"
+    assert evaluate_run(run)["data"] == f"the rows of seed {SEED}"  # no --data: the workload's own choice
+
+
+def test_a_command_a_workload_does_not_give_is_refused_in_one_line(linreg, tmp_path):
+    run = fit_here("linreg", tmp_path / "run")
+    target = tmp_path / "predictions.csv"
+    refusals = {
+        "toyaccel-evaluate": (lambda: evaluate_run(run), "mlp or gpt"),
+        "toyaccel-predict": (lambda: predict_file(run, "toy", target), "mlp"),
+        "toyaccel-generate": (lambda: generate_from_run(run), "gpt"),
+    }
+    for command, (call, wanted) in refusals.items():
+        with pytest.raises(ToyaccelError) as refused:
+            call()
+        assert str(refused.value) == f"{run} holds a linreg run; {command} needs a --model {wanted} run"
+    assert not target.exists()

@@ -25,7 +25,7 @@ __all__ = [
 # Imported on first use: they pull in torch (and fit, accelerate), and `toyaccel-train --help` needs neither.
 LAZY = {
     "fit": "toyaccel.runner", "RunResult": "toyaccel.engine.run", "load_model": "toyaccel.saved",
-    "NeuralNetwork": "toyaccel.model", "GPTModel": "toyaccel.gpt_model",
+    "NeuralNetwork": "toyaccel.workloads.mlp.model", "GPTModel": "toyaccel.workloads.gpt.model",
 }  # fmt: skip
 
 

@@ -243,7 +243,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     )
 
     def main() -> None:
-        from toyaccel.workloads.gpt import generate_from_run
+        from toyaccel.inference import generate_from_run
 
         args = parser.parse_args(argv)
         text = generate_from_run(

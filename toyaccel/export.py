@@ -23,7 +23,7 @@ from toyaccel.hf_gpt2 import save_hf_gpt2
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[str]:
     """Write ``out_dir``; return the names of the files written."""
-    from toyaccel.workloads.gpt import load_gpt_run
+    from toyaccel.inference import load_gpt_run
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -15,7 +15,7 @@ from typing import Any
 from toyaccel.config import flag
 from toyaccel.errors import ToyaccelError
 from toyaccel.hf_gpt2 import HF_CONFIG, book_config, load_hf_gpt2, read_hf_config, read_hf_weights
-from toyaccel.text import BPETokenizer
+from toyaccel.workloads.gpt.tokenizers import BPETokenizer
 
 # The book's name of each shape option and GPT-2's name of the same thing in config.json.
 HF_NAMES = {"vocab_size": "vocab_size", "context_length": "n_positions", "emb_dim": "n_embd", "n_heads": "n_head",

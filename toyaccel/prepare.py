@@ -33,7 +33,7 @@ from toyaccel.shards import (
     token_dtype,
     write_json_atomic,
 )
-from toyaccel.text import BPETokenizer, ByteTokenizer, GPT2Tokenizer
+from toyaccel.workloads.gpt.tokenizers import BPETokenizer, ByteTokenizer, GPT2Tokenizer
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: nanoGPT's and llm.c's shards are of this order
 

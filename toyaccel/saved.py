@@ -35,7 +35,11 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 def load_model(run_dir: str | Path) -> torch.nn.Module:
     """Rebuild a trained model (the MLP or the GPT) from ``model.safetensors`` and ``config.json``
     (no pickle involved)."""
-    saved = read_run_config(run_dir)
+    return model_from_run(run_dir, read_run_config(run_dir))
+
+
+def model_from_run(run_dir: str | Path, saved: dict[str, Any]) -> torch.nn.Module:
+    """The model of a run whose config.json ``saved`` (read_run_config) is, with its saved weights."""
     try:
         model = get_workload(workload_of_run(saved)).model_from_shape(saved["model"])
     except (KeyError, TypeError, ValueError, AssertionError) as e:

@@ -18,7 +18,6 @@ import torch
 
 from toyaccel import reference as book
 from toyaccel.config import TrainConfig, parse_hidden
-from toyaccel.data import DataBundle, ToyDataset, load_data, synthetic_blobs
 from toyaccel.engine import (
     MPI_AS_ROOT_ENV,
     Trainer,
@@ -28,10 +27,13 @@ from toyaccel.engine import (
     release,
     wait_for_checkpoint,
 )
-from toyaccel.model import NeuralNetwork
-from toyaccel.text import ByteTokenizer, TextBundle, TextWindows, synthetic_text
 from toyaccel.workloads import get_workload
-from toyaccel.workloads.gpt import VOCAB_MULTIPLE
+from toyaccel.workloads.gpt.text import synthetic_text
+from toyaccel.workloads.gpt.tokenizers import ByteTokenizer
+from toyaccel.workloads.gpt.windows import TextBundle, TextWindows
+from toyaccel.workloads.gpt.workload import VOCAB_MULTIPLE
+from toyaccel.workloads.mlp.data import DataBundle, ToyDataset, load_data, synthetic_blobs
+from toyaccel.workloads.mlp.model import NeuralNetwork
 
 __all__ = [  # what the parts use from toyaccel, besides the helpers defined here
     "book", "wait_for_checkpoint", "TrainConfig", "parse_hidden", "DataBundle", "ToyDataset", "load_data",

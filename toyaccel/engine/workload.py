@@ -10,12 +10,47 @@ Imports nothing heavy: the registry, and with it the command line's option error
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from toyaccel.errors import ToyaccelError
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass
+class SavedRun:
+    """A trained run read back (toyaccel.inference): what a workload's evaluate, predict and generate read."""
+
+    run_dir: str  # as the user wrote it: messages name it so
+    model: torch.nn.Module  # the saved weights loaded, in eval mode
+    saved: dict[str, Any]  # its config.json, checked (toyaccel.saved.read_run_config)
+    extras: Any = None  # what the workload's load_extras read beside the weights (a tokenizer)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What toyaccel-evaluate asks for: ``data`` None for the run's own validation set; a ``batch_size`` of
+    None for the workload's ``eval_batch_size``; the columns options for tabular data."""
+
+    data: str | None = None
+    batch_size: int | None = None
+    label_column: str | None = None
+    ignore_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What toyaccel-generate asks for: ``prompt`` continued by ``max_new_tokens`` tokens, greedy at
+    temperature 0; ``context_length`` None for the model's own."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 123
+    context_length: int | None = None
 
 
 class Workload(abc.ABC):
@@ -29,6 +64,7 @@ class Workload(abc.ABC):
     # What the options left unset mean for this workload (its data source, optimizer, lr, ...), for a
     # workload registered from outside toyaccel.
     option_defaults: dict[str, Any] = {}
+    eval_batch_size: int = 256  # samples per process per batch that toyaccel-evaluate scores by default
 
     # --- what every workload gives -------------------------------------------------------------
     @abc.abstractmethod
@@ -104,3 +140,38 @@ class Workload(abc.ABC):
     def after_epoch(self, accelerator, model, config, data) -> dict[str, Any]:
         """Run on every process after each epoch's evaluation; what it returns joins the epoch's record."""
         return {}
+
+    # --- a saved run: toyaccel-evaluate, -predict and -generate (optional) --------------------
+    # toyaccel.inference loads the run, refuses a launch where one process is meant, writes and prints;
+    # these do the workload's part. A workload without one refuses that command (``offers``).
+
+    def offers(self, method: str) -> bool:
+        """Whether this workload gives ``method`` ("evaluation_set", "predict", "generate") itself."""
+        return getattr(type(self), method) is not getattr(Workload, method)
+
+    def load_extras(self, run_dir: str, saved: dict[str, Any]) -> Any:
+        """What ``save_extras`` wrote, read back for a saved run (SavedRun.extras); None by default."""
+        return None
+
+    def evaluation_set(self, run: SavedRun, request: EvaluateRequest) -> tuple[Any, dict[str, Any]]:
+        """The dataset toyaccel-evaluate scores, read by every process before any waits for another (bad
+        input fails on all of them), and what the figures are reported with: at least "data", the set in
+        words."""
+        raise ToyaccelError(f"the {self.name} workload has no evaluation of a saved run")
+
+    def evaluate_prepared(self, accelerator, model, dataset, config) -> dict[str, Any]:
+        """The figures of ``model`` (not yet prepared) over ``dataset`` in batches of ``config.batch_size``,
+        at least "loss": every sample once, the same on every process."""
+        raise ToyaccelError(f"the {self.name} workload has no evaluation of a saved run")
+
+    def format_evaluation(self, metrics: dict[str, Any]) -> str:
+        """What toyaccel-evaluate prints."""
+        return f"evaluated on {metrics['data']}\nloss {metrics['loss']:.6f}"
+
+    def predict(self, run: SavedRun, data: str, ignore_columns: tuple[str, ...] | None) -> tuple[str, int]:
+        """predictions.csv's text for every row of ``data``, and the row count."""
+        raise ToyaccelError(f"the {self.name} workload has no predictions")
+
+    def generate(self, run: SavedRun, request: GenerateRequest) -> str:
+        """The prompt and its continuation."""
+        raise ToyaccelError(f"the {self.name} workload generates no text")

@@ -13,8 +13,8 @@ from toyaccel.errors import ToyaccelError
 # name -> the workload, or where its class is ("module:Class"), imported on first use: the command line's
 # --help and option errors need no torch.
 WORKLOADS: dict[str, Workload | str] = {
-    "mlp": "toyaccel.workloads.mlp:MLPWorkload",
-    "gpt": "toyaccel.workloads.gpt:GPTWorkload",
+    "mlp": "toyaccel.workloads.mlp.workload:MLPWorkload",
+    "gpt": "toyaccel.workloads.gpt.workload:GPTWorkload",
 }
 
 

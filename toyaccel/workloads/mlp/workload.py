@@ -9,20 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, check_count, check_fits, mlp_parameters, parse_hidden
-from toyaccel.data import DataBundle, ToyDataset, load_data, training_sample
-from toyaccel.engine.batches import eval_batches
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.model import NeuralNetwork
-
-# Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
-# ~4 ms at 4096 rows a batch against ~10 ms at 256, on one CPU thread), and activations stay small.
-EVAL_BATCH_SIZE = 4096
+from toyaccel.workloads.mlp import inference
+from toyaccel.workloads.mlp.data import DataBundle, ToyDataset, load_data, training_sample
+from toyaccel.workloads.mlp.inference import EVAL_BATCH_SIZE, evaluate
+from toyaccel.workloads.mlp.model import NeuralNetwork
 
 
 class MLPWorkload(Workload):
     name = "mlp"
     MODEL_KEYS = ("num_inputs", "num_outputs", "hidden")  # config.json's "model" section
+    eval_batch_size = EVAL_BATCH_SIZE
 
     def load_data(self, config: TrainConfig) -> DataBundle:
         return load_data(config)
@@ -88,6 +86,12 @@ class MLPWorkload(Workload):
             words += f", val {len(data.val)} ({data.val_source})"
         return words
 
+    # A saved run (toyaccel.inference): workloads/mlp/inference.py does the work.
+    evaluation_set = staticmethod(inference.evaluation_set)
+    evaluate_prepared = staticmethod(inference.evaluate_prepared)
+    format_evaluation = staticmethod(inference.format_evaluation)
+    predict = staticmethod(inference.predict)
+
 
 def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDataset]:
     sample = config.eval_train == "sample"
@@ -100,33 +104,6 @@ def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDatas
 def evaluate_sets(accelerator, model, sets: dict[str, ToyDataset], num_classes: int, config: TrainConfig):
     batch_size = max(EVAL_BATCH_SIZE, config.batch_size)
     return {name: evaluate(accelerator, model, dataset, num_classes, batch_size) for name, dataset in sets.items()}
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, dataset: ToyDataset, num_classes: int, batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """Loss, accuracy and confusion matrix over the whole dataset, each sample counted once: every process
-    scores its own share (``eval_batches``) and one all-reduce per pass sums the counts."""
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    confusion = torch.zeros(num_classes * num_classes, device=accelerator.device, dtype=torch.int64)
-    share = (accelerator.process_index, accelerator.num_processes)
-    for features, labels in eval_batches(dataset, batch_size, accelerator.device, *share):
-        logits = model(features)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
-    model.train()
-    totals = torch.cat([loss_sum.view(1), confusion.double()])  # counts below 2**53 stay exact as float64
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, "sum")
-    totals = totals.cpu()
-    confusion = totals[1:].long().view(num_classes, num_classes)
-    count = int(confusion.sum())
-    return {
-        "loss": totals[0].item() / count,
-        "accuracy": int(confusion.diag().sum()) / count,
-        "count": count,
-        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
-    }
 
 
 def check_run_description(saved: dict[str, Any]) -> None:

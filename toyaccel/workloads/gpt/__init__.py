@@ -1,0 +1,1 @@
+"""The book's chapters 4-5 workload: GPTModel pretrained on text (workload.py: GPTWorkload)."""
