@@ -59,7 +59,7 @@ SECTIONS = {
     "model": ("model", "preset", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
-                  "warmup_steps", "max_grad_norm"),
+                  "warmup_steps", "max_grad_norm", "max_steps"),
 }  # fmt: skip
 DATA_PLACEMENTS = ("auto", "device", "host")
 # torch.manual_seed takes 0..2**64-1, and the synthetic text seeds a second generator with seed + 1.
@@ -157,6 +157,20 @@ class TrainConfig:
     )
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)")
     eval_every: int = _opt(1, "evaluate every N epochs (the last epoch always)")
+    # --- training budget (g-steps) ---
+    max_steps: int = _opt(
+        0, "train for N optimizer steps, then stop (mid-epoch too; 0 = off): overrides --epochs, the data is read "
+        "in as many epochs as N needs and the learning-rate schedule spans N steps",
+    )
+    eval_every_steps: int = _opt(
+        0, "evaluate every K optimizer steps and at the end, as records of kind 'eval' (0 = off: evaluate at epoch "
+        "ends, see --eval-every)",
+    )
+    eval_batches: int = _opt(
+        0, "score only the first M batches (M x --batch-size samples, the same for any number of processes) of "
+        "each set in the evaluations during training (0 = all)",
+    )
+    # --- end of training budget (g-steps) ---
     eval_train: str | None = _opt(
         None,
         f"mlp: training-set metrics: 'sample' (default) scores a fixed seeded sample of {EVAL_TRAIN_SAMPLE} rows "
@@ -176,7 +190,7 @@ class TrainConfig:
     TRAINING_FIELDS = (
         "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
         "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule",
-        "warmup_steps", "max_grad_norm",
+        "warmup_steps", "max_grad_norm", "max_steps",
         "model", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
         "drop_rate", "qkv_bias", "optimizer", "weight_decay",
     )  # fmt: skip
@@ -242,7 +256,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ToyaccelError(f"{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "checkpoint_every", "keep_last", "log_every", "num_workers")
+        non_negative = ("warmup_steps", "checkpoint_every", "keep_last", "log_every", "num_workers", "max_steps",
+                        "eval_every_steps", "eval_batches")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ToyaccelError(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -409,6 +424,10 @@ def option_applies(name: str, options: dict[str, Any]) -> bool:
     other_family = MLP_OPTIONS if options.get("model") == "gpt" else GPT_OPTIONS
     if name in other_family:
         return False
+    if name in ("max_steps", "eval_every_steps", "eval_batches"):  # off (0): as in a run from before they were
+        return bool(options.get(name))
+    if name == "epochs":  # --max-steps decides how many epochs are read
+        return not options.get("max_steps")
     if name in ("label_column", "ignore_columns"):
         return options.get("data") not in ("toy", "synthetic")
     return name not in ("num_samples", "num_features") or options.get("data") == "synthetic"

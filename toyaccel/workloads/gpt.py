@@ -11,6 +11,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from toyaccel.config import TOKENIZERS, WORKLOAD_DEFAULTS, TrainConfig, build_config, check_seed
 from toyaccel.engine.batches import data_loader as _loader
+from toyaccel.engine.evaluation import eval_count
 from toyaccel.engine.launch import launched_world_size
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.reporting import say
@@ -68,12 +69,14 @@ class GPTWorkload(Workload):
         return config.drop_rate > 0
 
     def evaluator(self, accelerator, config: TrainConfig, data: TextBundle, placement):
-        """What scores the model at an epoch's end: every training and validation window once, kept where
-        ``placement`` keeps the training tokens. The windows go through a prepared loader (gather_for_metrics
+        """What scores the model at an epoch's end: every training and validation window once (with
+        --eval-batches M, the first M x --batch-size of each), kept where ``placement`` keeps the training
+        tokens. The windows go through a prepared loader (gather_for_metrics
         trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
         for any number of processes."""
         sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-        loaders = {name: prepared_eval_loader(accelerator, ds, config, placement) for name, ds in sets.items()}
+        loaders = {name: prepared_eval_loader(accelerator, ds, config, placement, eval_count(len(ds), config))
+                   for name, ds in sets.items()}  # fmt: skip
         return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
 
     def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -140,15 +143,17 @@ class GPTWorkload(Workload):
         return {"sample": sample}
 
 
-def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
-    """Every window once, the tokens kept where ``placement`` keeps them, prepared: what the training's
-    evaluation and toyaccel-evaluate read."""
-    return accelerator.prepare(eval_loader(placement.place(windows), config))
+def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement, count: int | None = None):
+    """Every window once (the first ``count``), the tokens kept where ``placement`` keeps them, prepared: what
+    the training's evaluation and toyaccel-evaluate read."""
+    return accelerator.prepare(eval_loader(placement.place(windows), config, count=count))
 
 
-def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
-    """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
-    sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
+def eval_loader(windows, config: TrainConfig, batch_size: int | None = None, count: int | None = None):
+    """Every window once (the first ``count``), in order; accelerate pads the last round and
+    gather_for_metrics trims it."""
+    windows_read = range(len(windows) if count is None else count)
+    sampler = BatchSampler(SequentialSampler(windows_read), batch_size or config.batch_size, False)
     return _loader(windows, sampler, config)
 
 
