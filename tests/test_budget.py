@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     accelerate_launch,
+    as_cli,
     assert_weights_close,
     assert_weights_equal,
     check_ok,
@@ -33,14 +34,6 @@ from toyaccel.workloads.mlp import evaluation_sets
 
 RUN = {"data": "synthetic", "num_samples": 80, "val_fraction": 0.2, "batch_size": 4, "plot": False, "progress": False}
 STEPS_PER_EPOCH = 16
-
-
-def as_cli(options: dict) -> list[str]:
-    args = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return args
 
 
 def records(run: Path, kind: str | None = None) -> list[dict]:
@@ -83,7 +76,8 @@ def test_a_mid_epoch_stop_trains_the_steps_of_the_epoch_run(tmp_path):
     """Constant rate: 21 steps are the epoch run's first 21, the data order of its second epoch included."""
     fit(**RUN, epochs=2, checkpoint_every=21, keep_last=0, output_dir=str(tmp_path / "epochs"))
     fit(**RUN, max_steps=21, output_dir=str(tmp_path / "steps"))
-    assert_weights_equal(weights(tmp_path / "steps"), load_file(tmp_path / "epochs/checkpoints/step_21/model.safetensors"))
+    at_step_21 = load_file(tmp_path / "epochs/checkpoints/step_21/model.safetensors")
+    assert_weights_equal(weights(tmp_path / "steps"), at_step_21)
 
 
 def test_evaluations_every_k_steps_and_at_the_end_leave_the_weights_alone(budget_run, tmp_path):
@@ -139,9 +133,7 @@ def test_a_resume_with_another_max_steps_is_refused(budget_run, tmp_path, capsys
     assert "max_steps: checkpoint 10, now 30" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "flag, value", [("--max-steps", "-1"), ("--eval-every-steps", "-2"), ("--eval-batches", "-3")]
-)
+@pytest.mark.parametrize("flag, value", [("--max-steps", "-1"), ("--eval-every-steps", "-2"), ("--eval-batches", "-3")])
 def test_negative_budgets_are_refused_in_one_line(flag, value, tmp_path, capsys):
     assert train_main([flag, value, "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
