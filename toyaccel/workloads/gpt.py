@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from toyaccel.config import TOKENIZERS, WORKLOAD_DEFAULTS, TrainConfig, build_config, check_seed
 from toyaccel.engine.batches import data_loader as _loader
-from toyaccel.engine.evaluation import eval_count
+from toyaccel.engine.evaluation import Leading, eval_count
 from toyaccel.engine.launch import launched_world_size
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.reporting import say
@@ -146,14 +146,14 @@ class GPTWorkload(Workload):
 def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement, count: int | None = None):
     """Every window once (the first ``count``), the tokens kept where ``placement`` keeps them, prepared: what
     the training's evaluation and toyaccel-evaluate read."""
-    return accelerator.prepare(eval_loader(placement.place(windows), config, count=count))
+    placed = placement.place(windows)
+    # The loader's dataset is what is read: gather_for_metrics trims accelerate's padding by its length.
+    return accelerator.prepare(eval_loader(placed if count is None else Leading(placed, count), config))
 
 
-def eval_loader(windows, config: TrainConfig, batch_size: int | None = None, count: int | None = None):
-    """Every window once (the first ``count``), in order; accelerate pads the last round and
-    gather_for_metrics trims it."""
-    windows_read = range(len(windows) if count is None else count)
-    sampler = BatchSampler(SequentialSampler(windows_read), batch_size or config.batch_size, False)
+def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):
+    """Every window once, in order; accelerate pads the last round and gather_for_metrics trims it."""
+    sampler = BatchSampler(SequentialSampler(range(len(windows))), batch_size or config.batch_size, False)
     return _loader(windows, sampler, config)
 
 
