@@ -90,9 +90,11 @@ def test_evaluations_every_k_steps_and_at_the_end_leave_the_weights_alone(budget
     assert read_json(budget_run / "results.json")["val_loss"] == records(budget_run, "eval")[-1]["val_loss"]
 
 
-def test_the_log_lines_say_step_k_of_n(tmp_path, capsys):
-    fit(**RUN, max_steps=6, log_every=3, output_dir=str(tmp_path / "run"))
+def test_the_log_lines_say_step_k_of_n_and_max_steps_overrides_epochs(tmp_path, capsys):
+    fit(**RUN, epochs=7, max_steps=6, log_every=3, output_dir=str(tmp_path / "run"))
     lines = capsys.readouterr().out.splitlines()
+    assert " max_steps=6 " in lines[0] and "epochs=" not in lines[0]  # the start-up line: --epochs has no say
+    assert "epochs" not in read_json(tmp_path / "run/config.json")["config"]
     assert [line.split(" | ")[:2] for line in lines if "| loss" in line] == [["epoch 1/1", "step 3/6"],
                                                                           ["epoch 1/1", "step 6/6"]]  # fmt: skip
 
