@@ -119,6 +119,15 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def as_cli(options: dict) -> list[str]:
+    """The command-line form of fit() keyword arguments."""
+    args = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -25,7 +25,7 @@ from toyaccel.options import SECTION_NAMES, flag, option, option_names, option_t
 from toyaccel.workloads import WORKLOADS, register_workload
 
 # The tables as they were written by hand before the options were declared once (toyaccel 0.1), with the
-# options added since (init_from) where main's hand-written tables had them.
+# options added since (init_from, max_steps) where main's hand-written tables had them.
 HAND_WRITTEN_MLP_OPTIONS = (
     "label_column", "ignore_columns", "num_features", "num_classes", "standardize", "hidden", "eval_train",
 )  # fmt: skip
@@ -39,13 +39,13 @@ HAND_WRITTEN_SECTIONS = {
     "model": ("model", "preset", "init_from", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
-                  "warmup_steps", "max_grad_norm"),
+                  "warmup_steps", "max_grad_norm", "max_steps"),
 }  # fmt: skip
 HAND_WRITTEN_TRAINING_FIELDS = (
     "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
     "num_classes", "standardize", "hidden", "epochs", "lr", "seed", "lr_schedule", "warmup_steps", "max_grad_norm",
     "model", "init_from", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
-    "drop_rate", "qkv_bias", "optimizer", "weight_decay",
+    "drop_rate", "qkv_bias", "optimizer", "weight_decay", "max_steps",
 )  # fmt: skip
 # weight_decay's default is a rule of the optimizer (below), no longer a table entry.
 HAND_WRITTEN_WORKLOAD_DEFAULTS = {
@@ -62,7 +62,8 @@ ALL_OPTIONS = (
     "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "optimizer", "weight_decay",
     "epochs", "batch_size", "lr", "seed", "grad_accum", "lr_schedule", "warmup_steps", "max_grad_norm",
     "mixed_precision", "compile", "tf32", "data_placement", "output_dir", "overwrite", "resume", "checkpoint_every",
-    "eval_every", "eval_train", "keep_last", "log_every", "progress", "log_with", "plot", "num_workers",
+    "eval_every", "max_steps", "eval_every_steps", "eval_batches", "eval_train", "keep_last", "log_every",
+    "progress", "log_with", "plot", "num_workers",
 )  # fmt: skip
 
 

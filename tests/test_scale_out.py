@@ -23,6 +23,7 @@ from conftest import (
     REPO,
     TRAIN_SCRIPT,
     accelerate_launch,
+    as_cli,
     assert_weights_close,
     assert_weights_equal,
     check_ok,
@@ -49,15 +50,6 @@ SCHEDULE = {
 }  # fmt: skip
 TOTAL_STEPS = 24
 QUIET = {"plot": False, "progress": False}
-
-
-def as_cli(options: dict) -> list[str]:
-    """The command-line form of fit() keyword arguments."""
-    args = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return args
 
 
 def lrs(run_dir: Path) -> list[float]:

@@ -167,7 +167,10 @@ class TrainConfig:
         BY_RULE, "weight decay (default: 0 for sgd, 0.1 for adamw as the book's chapter 5)",
         section="optimizer", identity=True,
     )  # fmt: skip
-    epochs: int = option(3, "number of passes over the training data", section="optimizer", identity=True)
+    epochs: int = option(
+        3, "number of passes over the training data (--max-steps overrides it)",
+        section="optimizer", identity=True, overridden_by="max_steps",
+    )  # fmt: skip
     batch_size: int = option(
         2, "samples per process per micro-step; global batch = processes x this x grad_accum", section="optimizer"
     )
@@ -216,6 +219,22 @@ class TrainConfig:
     )  # fmt: skip
     checkpoint_every: int = option(0, "also checkpoint every N optimizer steps (0 = only at epoch ends)", section="run")
     eval_every: int = option(1, "evaluate every N epochs (the last epoch always)", section="run")
+    # A corpus is trained for a budget of steps, as LLM pretraining does, not for epochs.
+    max_steps: int = option(
+        0, "train for N optimizer steps, then stop (mid-epoch too; 0 = off): overrides --epochs, the data is read "
+        "in as many epochs as N needs and the learning-rate schedule spans N steps",
+        section="optimizer", identity=True, only_when_on=True,
+    )  # fmt: skip
+    eval_every_steps: int = option(
+        0, "evaluate every K optimizer steps and at the end, as records of kind 'eval' (0 = off: evaluate at epoch "
+        "ends, see --eval-every)",
+        section="run", only_when_on=True,
+    )  # fmt: skip
+    eval_batches: int = option(
+        0, "score only the first M batches (M x --batch-size samples, the same for any number of processes) of "
+        "each set in the evaluations during training (0 = all)",
+        section="run", only_when_on=True,
+    )  # fmt: skip
     # The GPT scores every training window (its evaluation is cheap next to its training step).
     eval_train: str | None = option(
         "sample",
@@ -381,6 +400,10 @@ def option_applies(name: str, options: dict[str, Any]) -> bool:
     nor one of another data source's (num_samples is the synthetic data's, label_column a file's)."""
     declaration = OPTIONS[name]
     if not belongs_to(declaration, options.get("model") or MLP):  # runs saved before the GPT are MLP runs
+        return False
+    if declaration.metadata["only_when_on"] and not options.get(name):
+        return False
+    if options.get(declaration.metadata["overridden_by"] or ""):
         return False
     source = declaration.metadata["data_source"]
     if source == "file":

@@ -41,6 +41,8 @@ def option(
     choices: tuple[str, ...] | None = None,
     described: bool = False,
     data_source: str | None = None,
+    only_when_on: bool = False,
+    overridden_by: str | None = None,
 ) -> Any:
     """One option's whole declaration.
 
@@ -49,6 +51,8 @@ def option(
     one); given to another, it is refused. ``identity``: it changes what is computed, so a resumed run must
     match the checkpoint in it. ``described``: the start-up line's data description already says it.
     ``data_source``: it takes part only in runs on that kind of data ("file" or "synthetic").
+    ``only_when_on``: at 0 (off) it takes no part, as in a run saved before it existed. ``overridden_by``: it
+    takes no part where that option is on.
 
     An option whose default depends on the workload (or a rule) is None until TrainConfig resolves it: None
     there means "not given", and the run's own value replaces it before anything reads it.
@@ -58,7 +62,8 @@ def option(
     resolved = workload != ALL_WORKLOADS or by_workload is not None or default == BY_RULE
     metadata = {
         "help": help, "section": section, "workload": workload, "identity": identity, "choices": choices,
-        "described": described, "data_source": data_source, "resolved": resolved,
+        "described": described, "data_source": data_source, "resolved": resolved, "only_when_on": only_when_on,
+        "overridden_by": overridden_by,
         "default": None if default == BY_RULE else default, "by_workload": dict(by_workload or {}),
     }  # fmt: skip
     return dataclasses.field(default=None if resolved else default, metadata=metadata)

@@ -48,7 +48,8 @@ def check_options(config: Any) -> None:
     for name in positive:
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ToyaccelError(f"{name} must be at least 1, got {getattr(config, name)}")
-    non_negative = ("warmup_steps", "checkpoint_every", "keep_last", "log_every", "num_workers")
+    non_negative = ("warmup_steps", "checkpoint_every", "keep_last", "log_every", "num_workers", "max_steps",
+                    "eval_every_steps", "eval_batches")  # fmt: skip
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ToyaccelError(f"{name} must be 0 or more, got {getattr(config, name)}")

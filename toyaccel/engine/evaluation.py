@@ -1,4 +1,5 @@
-"""The default epoch-end evaluation: the mean training loss over every sample of each set."""
+"""The default evaluation: the mean training loss over every sample of each set (or its first --eval-batches
+batches), and how many samples of a set an evaluation during training scores."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from toyaccel.engine.batches import eval_shares, to_device
 EVAL_BATCH_SIZE = 4096  # a forward pass only: large batches amortise each layer's per-call cost
 
 
-def mean_loss_evaluator(accelerator, loss: Callable, data, placement, batch_size: int):
+def mean_loss_evaluator(accelerator, loss: Callable, data, placement, config):
     """A function of the model: {"train": {"loss": ...}, "val": {...}} (val where ``data`` has one), each
     sample scored once by one process and the sums all-reduced, so any number of processes agrees."""
     sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-    placed = {name: placement.place(dataset) for name, dataset in sets.items()}
-    batch_size = max(EVAL_BATCH_SIZE, batch_size)
+    placed = {name: Leading(placement.place(ds), eval_count(len(ds), config)) for name, ds in sets.items()}
+    batch_size = max(EVAL_BATCH_SIZE, config.batch_size)
     return lambda model: {name: mean_loss(accelerator, model, ds, loss, batch_size) for name, ds in placed.items()}
 
 
@@ -37,3 +38,23 @@ def mean_loss(accelerator, model, dataset, loss: Callable, batch_size: int) -> d
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
     return {"loss": total.item() / len(dataset), "count": len(dataset)}
+
+
+def eval_count(num_samples: int, config) -> int:
+    """How many samples of a set of ``num_samples`` an evaluation during training scores: all of them, or with
+    --eval-batches M the first M x --batch-size, in the set's order. Counted in the batches of one process, not
+    of the world, so the figure is the same on any number of processes (chapter 5's eval_iter)."""
+    return min(num_samples, config.eval_batches * config.batch_size) if config.eval_batches else num_samples
+
+
+class Leading:
+    """The first ``count`` samples of ``dataset``, read through its ``__getitems__``."""
+
+    def __init__(self, dataset, count: int):
+        self.dataset, self.count = dataset, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitems__(self, indices):
+        return self.dataset.__getitems__(indices)

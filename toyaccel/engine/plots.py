@@ -25,11 +25,12 @@ def plot_metrics(history: list[dict[str, Any]], path: str | Path) -> bool:
         return False
     steps = [r for r in history if r.get("kind") == "step"]
     epochs = [r for r in history if r.get("kind") == "epoch"]
+    evaluations = [r for r in history if r.get("kind") in ("epoch", "eval")]  # --eval-every-steps: kind "eval"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss (per step)")
     for key, label, style in (("train_loss", "train loss (epoch end)", EPOCH_STYLES[0]),
                               ("val_loss", "val loss (epoch end)", EPOCH_STYLES[1])):  # fmt: skip
-        points = [(r["step"], r[key]) for r in epochs if r.get(key) is not None]
+        points = [(r["step"], r[key]) for r in evaluations if r.get(key) is not None]
         if points:
             ax_loss.plot(*zip(*points), label=label, **style)
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")

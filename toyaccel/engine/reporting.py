@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from toyaccel.engine.budget import Budget
+
 
 class MetricsLogger:
-    def __init__(self, accelerator, output_dir: str, epochs: int, progress: bool, resume_step: int | None):
+    def __init__(self, accelerator, output_dir: str, budget: Budget, progress: bool, resume_step: int | None):
         self.accelerator = accelerator
-        self.epochs = epochs
+        self.budget = budget
         self.path = Path(output_dir) / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self.bar = None
@@ -45,16 +47,21 @@ class MetricsLogger:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         self.file_started = True
 
-    def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
+    def start_epoch(self, epoch: int, done_steps: int) -> None:
+        """A bar over this epoch's steps; over the whole run's with --max-steps (an epoch of a corpus may be
+        longer than the run)."""
         if self.show_progress:
             try:
                 from tqdm.auto import tqdm
             except ImportError:  # an optional extra (pip install 'toyaccel[progress]'); the log lines suffice
                 self.show_progress = False
                 return
-            self.bar = tqdm(
-                total=total_steps, initial=done_steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
-            )
+            budget = self.budget
+            if budget.max_steps:
+                total, done, desc = budget.max_steps, epoch * budget.steps_per_epoch + done_steps, "steps"
+            else:
+                total, done, desc = budget.steps_per_epoch, done_steps, f"epoch {epoch + 1}/{budget.epochs}"
+            self.bar = tqdm(total=total, initial=done, desc=desc, leave=False)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -67,7 +74,7 @@ class MetricsLogger:
         self.history.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        line = format_record(record, self.epochs)
+        line = format_record(record, self.budget)
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -87,9 +94,10 @@ def say(accelerator, message: str) -> None:
         print(message, flush=True)
 
 
-def format_record(record: dict[str, Any], epochs: int) -> str:
-    """``epoch 2/3 | step 4 | loss 0.4412 | lr 0.5 | 812 samples/s`` (and the epoch-end metrics)."""
-    parts = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}"]
+def format_record(record: dict[str, Any], budget: Budget) -> str:
+    """``epoch 2/3 | step 4 | loss 0.4412 | lr 0.5 | 812 samples/s`` (and the evaluation's metrics); with
+    --max-steps 100, ``step 4/100``."""
+    parts = [f"epoch {record['epoch']}/{budget.epochs}", budget.step_words(record["step"])]
     for key, fmt in (
         ("loss", ".4f"),
         ("lr", ".4g"),

@@ -177,6 +177,9 @@ def _valid_state(raw: dict[str, Any]) -> TrainerState:
     epochs = state.training.get("epochs")
     if _is_int(epochs) and (state.epoch > epochs or (state.epoch == epochs and state.step_in_epoch)):
         raise ValueError(f"epoch {state.epoch}, step {state.step_in_epoch} of it, is past the run's {epochs} epochs")
+    max_steps = state.training.get("max_steps")
+    if _is_int(max_steps) and 0 < max_steps < state.global_step:
+        raise ValueError(f"global_step {state.global_step} is past the run's {max_steps} steps (max_steps)")
     return state
 
 

@@ -128,7 +128,7 @@ def run(trainer: Trainer, hold: FolderHold) -> RunResult:
         final_loss=final_loss if final_loss is not None else last_logged_loss(logger.history),
         world_size=accelerator.num_processes,
         global_step=state.global_step,
-        epochs=config.epochs,
+        epochs=trainer.budget.epochs,
         global_batch=state.global_batch,
         samples_per_s=samples_per_s,
         distributed_type=accelerator.distributed_type.value,
@@ -141,22 +141,31 @@ def run(trainer: Trainer, hold: FolderHold) -> RunResult:
 
 
 def train_epochs(trainer: Trainer) -> tuple[dict[str, dict[str, Any]], float | None, float]:
-    """The epochs left, each evaluated when due and checkpointed: the last metrics, the last logged loss
-    and the training throughput (samples/s, evaluation excluded)."""
-    config, state, workload = trainer.config, trainer.state, trainer.job.workload
+    """The epochs left (see toyaccel.engine.budget), each evaluated when due and checkpointed: the last
+    metrics, the last logged loss and the training throughput (samples/s, evaluation excluded).
+
+    An epoch's end is a record of kind "epoch", with the evaluation's figures where --eval-every makes it
+    due. With --eval-every-steps the evaluations are records of kind "eval" instead, every K steps and at
+    the end; a --max-steps budget that ends inside an epoch ends with an "eval" record too."""
+    config, state, workload, budget = trainer.config, trainer.state, trainer.job.workload, trainer.budget
     final_loss, train_seconds, samples_trained, metrics = None, 0.0, 0, None
-    for _ in range(state.epoch, config.epochs):
-        started, first_step = time.perf_counter(), state.global_step
+    while state.global_step < budget.total_steps:
+        started, first_step, eval_seconds = time.perf_counter(), state.global_step, trainer.eval_seconds
         loss = trainer.train_epoch()
         final_loss = loss if loss is not None else final_loss
-        train_seconds += time.perf_counter() - started
+        train_seconds += time.perf_counter() - started - (trainer.eval_seconds - eval_seconds)
         samples_trained += (state.global_step - first_step) * state.global_batch
-        state.finish_epoch()
-        due = state.epoch % config.eval_every == 0 or state.epoch == config.epochs
-        metrics = trainer.score(trainer.model) if due else None
-        trainer.check_finite(metrics)
-        sample = workload.after_epoch(trainer.accelerator, trainer.model, config, trainer.job.data)
-        trainer.logger.log({**epoch_record(state, metrics or {}, workload), **sample})
+        end, metrics = state.global_step == budget.total_steps, None
+        if state.step_in_epoch == budget.steps_per_epoch:
+            state.finish_epoch()
+            due = end or state.epoch % config.eval_every == 0
+            by_epoch = due and not budget.eval_every_steps
+            metrics = trainer.score(trainer.model) if by_epoch else None
+            trainer.check_finite(metrics)
+            sample = workload.after_epoch(trainer.accelerator, trainer.model, config, trainer.job.data)
+            trainer.logger.log({**epoch_record(state, metrics or {}, workload), **sample})
+        if end and metrics is None:
+            metrics = trainer.evaluate("eval")
         trainer.checkpointer.save(state)
     finish_checkpoint(trainer.accelerator)
     if metrics is None:  # resumed after the last epoch: nothing was evaluated in this invocation
@@ -200,10 +209,11 @@ def last_logged_loss(history: list[dict[str, Any]]) -> float | None:
 def start_or_resume(trainer: Trainer, plan: ResumePlan):
     if plan.checkpoint is None:
         return trainer.state
-    accelerator, epochs = trainer.accelerator, trainer.config.epochs
+    accelerator, budget = trainer.accelerator, trainer.budget
     path = Path(plan.checkpoint)
     state = load_checkpoint(accelerator, path, plan.trainer_state(), expected=trainer.state)
-    where = f"epoch {state.epoch + 1}/{epochs}" if state.epoch < epochs else "the end of training"
+    unfinished = state.global_step < budget.total_steps
+    where = f"epoch {state.epoch + 1}/{budget.epochs}" if unfinished else "the end of training"
     say(accelerator, f"resumed from {path} at {where}, step {state.global_step}")
     return state
 

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from toyaccel.engine.batches import build_train_loader, draw_epoch_seed
+from toyaccel.engine.budget import Budget
 from toyaccel.engine.checkpoint import (
     Checkpointer,
     TrainerState,
@@ -95,6 +96,8 @@ class Trainer:
         # Taken before prepare(): with worker processes prepare() wraps the DataLoader, and on several
         # processes the wrapper's batch sampler is accelerate's shard of this one.
         self.sampler = train_loader.batch_sampler
+        self.budget = Budget.of(config, self.sampler.steps_per_epoch)
+        self.eval_seconds = 0.0  # spent in evaluations inside epochs: not training time
         self.state = TrainerState(
             global_batch=self.sampler.global_batch,
             world_size=accelerator.num_processes,
@@ -118,7 +121,7 @@ class Trainer:
     def open_log(self, resume_step: int | None = None) -> MetricsLogger:
         """metrics.jsonl and the log lines, continued after ``resume_step`` when resuming."""
         config = self.config
-        self.logger = MetricsLogger(self.accelerator, config.output_dir, config.epochs, config.progress, resume_step)
+        self.logger = MetricsLogger(self.accelerator, config.output_dir, self.budget, config.progress, resume_step)
         self.log_every = config.log_every or max(1, self.sampler.steps_per_epoch // 10)
         return self.logger
 
@@ -132,19 +135,24 @@ class Trainer:
         # The next epoch's seed is drawn now, so the sampler can shuffle its order while this epoch trains
         # (on a GPU the shuffle would otherwise leave the device idle: ~16 ns a sample on the host). Nothing
         # between here and the next epoch draws from the global RNG, so the seeds are the book's.
-        if state.next_epoch_seed is None and state.epoch + 1 < self.config.epochs:
+        if state.next_epoch_seed is None and state.epoch + 1 < self.budget.epochs:
             state.next_epoch_seed = draw_epoch_seed()
         check_processes_agree(self.accelerator, state)
         self.sampler.start_epoch(state.epoch_seed, state.samples_in_epoch, state.next_epoch_seed)
 
     def train_epoch(self) -> float | None:
-        """Train on this epoch's batches (the rest of them when resuming); return the last logged loss.
-        On a stop signal, checkpoint after the step all processes agree on and raise Interrupted."""
+        """Train on this epoch's batches (the rest of them when resuming; up to the end of the budget in its
+        last epoch), evaluating every --eval-every-steps; return the last logged loss. On a stop signal,
+        checkpoint after the step all processes agree on and raise Interrupted."""
         self.start_epoch()
         accelerator, state, config, logger, stops = self.accelerator, self.state, self.config, self.logger, self.stops
-        hooks, step, log_every = self.hooks, self.step.run, self.log_every
-        steps_per_epoch = self.sampler.steps_per_epoch
-        logger.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
+        hooks, step, log_every, budget = self.hooks, self.step.run, self.log_every, self.budget
+        epoch_end = budget.last_step_in_epoch(state.epoch)
+        # One compare a step finds both events inside an epoch: an evaluation due, and the budget ending part-way
+        # through the epoch (where the batches go on). An epoch's natural end is left to the batches.
+        cut_short = budget.total_steps if epoch_end < budget.steps_per_epoch else 0  # 0: never (steps count from 1)
+        next_event = self.next_event(cut_short)
+        logger.start_epoch(state.epoch, state.step_in_epoch)
         self.model.train()
         # The window's losses stay on the device, unsummed: appending costs nothing, where an in-place add
         # per step was a kernel launch (~2% of the book MLP's step) and summing them is one at log time.
@@ -167,23 +175,55 @@ class Trainer:
             # The last step of an epoch is checkpointed after the epoch's evaluation instead.
             checkpoint_due = config.checkpoint_every and state.global_step % config.checkpoint_every == 0
             # A log window must not straddle a checkpoint: a resumed run has lost the losses before it.
-            window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == steps_per_epoch
-            if window_ends or checkpoint_due or stop_signal:
+            window_ends = state.step_in_epoch % log_every == 0 or state.step_in_epoch == epoch_end
+            event = state.global_step == next_event
+            if window_ends or checkpoint_due or stop_signal or event:
                 last_loss = self.log_window(self.step.lr)
             if hooks is not None:
                 hooks.after_log(state.global_step)
-            if stop_signal or (checkpoint_due and state.step_in_epoch < steps_per_epoch):
+            if event:
+                if state.global_step == cut_short:
+                    break
+                # Before this step's checkpoint: a run resumed from it has this evaluation on record.
+                self.evaluate_inside_epoch()
+                next_event = self.next_event(cut_short)
+            if stop_signal or (checkpoint_due and state.step_in_epoch < epoch_end):
                 path = self.checkpointer.save(state)
                 window.restart()
             if stop_signal:
                 finish_checkpoint(accelerator)
-                stopped = interrupted(accelerator, stop_signal, path, state, config.epochs)
+                stopped = interrupted(accelerator, stop_signal, path, state, self.budget)
                 # No process exits before the checkpoint is published and said: mpirun kills the others
                 # ~0.25 s after the first one exits.
                 accelerator.wait_for_everyone()
                 raise stopped
         logger.end_epoch()
         return last_loss
+
+    def next_event(self, cut_short: int) -> int:
+        """The step after this one at which the epoch's loop must act: the next evaluation due, or
+        ``cut_short``, the step at which the budget ends inside this epoch (0 if it does not)."""
+        due = self.budget.next_evaluation(self.state.global_step)
+        return min(due, cut_short) if cut_short else due
+
+    def evaluate_inside_epoch(self) -> None:
+        """An --eval-every-steps evaluation: a record of kind "eval" in metrics.jsonl and its log line. Its time
+        is not training time: the log window after it starts when it ends."""
+        started = time.perf_counter()
+        self.evaluate("eval")
+        self.eval_seconds += time.perf_counter() - started
+        self.window.restart()
+
+    def evaluate(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Score the model now, check its figures are finite and log them as a record of ``kind``."""
+        state = self.state
+        metrics = self.score(self.model)
+        self.check_finite(metrics)
+        # The epoch the step is in: after an epoch's end the state already counts it done.
+        epoch = state.epoch + 1 if state.step_in_epoch else state.epoch
+        record = {"kind": kind, "epoch": epoch, "step": state.global_step}
+        self.logger.log({**record, **self.job.workload.epoch_fields(metrics)})
+        return metrics
 
     def log_window(self, lr: float) -> float:
         """Log the mean loss over processes and over the steps since the last log line; return it."""
@@ -273,7 +313,7 @@ class Step:
         loss_of, add_loss = workload.loss, trainer.window.add
         own_rng = own_random_stream if workload.uses_dropout(config) else None
         seed, max_grad_norm, process_index = config.seed, config.max_grad_norm, accelerator.process_index
-        total_steps = config.epochs * trainer.sampler.steps_per_epoch
+        total_steps = trainer.budget.total_steps
         micro_in_step = 0
 
         def run(inputs, targets, state: TrainerState) -> bool:
@@ -302,11 +342,12 @@ class Step:
         return run
 
 
-def interrupted(accelerator, signum: int, path, state: TrainerState, epochs: int):
+def interrupted(accelerator, signum: int, path, state: TrainerState, budget: Budget):
     """The one line a stopped run prints (on the main process) and the exception that ends it."""
     name = signal.Signals(signum).name
+    where = f"epoch {state.epoch + 1}/{budget.epochs}, {budget.step_words(state.global_step)}"
     message = (
-        f"interrupted by {name}: saved checkpoint {path} (epoch {state.epoch + 1}/{epochs}, step {state.global_step}); "
+        f"interrupted by {name}: saved checkpoint {path} ({where}); "
         "to continue, run the same command with --resume latest"
     )
     say(accelerator, message)

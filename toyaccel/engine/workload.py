@@ -93,13 +93,14 @@ class Workload(abc.ABC):
         return False
 
     def evaluator(self, accelerator, config, data, placement):
-        """What scores the model at an epoch's end: a function of the model returning, per set ("train"
-        and "val" where there is one), a dict with at least "loss". By default the mean loss over every
-        sample, each counted once whatever the number of processes, the sets kept where ``placement``
+        """What scores the model at an epoch's end (or every --eval-every-steps): a function of the model
+        returning, per set ("train" and "val" where there is one), a dict with at least "loss", over the set's
+        first ``toyaccel.engine.evaluation.eval_count(len(set), config)`` samples. By default the mean loss over
+        every such sample, each counted once whatever the number of processes, the sets kept where ``placement``
         (toyaccel.engine.placement) keeps the training data."""
         from toyaccel.engine.evaluation import mean_loss_evaluator  # torch: not for the registry's importers
 
-        return mean_loss_evaluator(accelerator, self.loss, data, placement, config.batch_size)
+        return mean_loss_evaluator(accelerator, self.loss, data, placement, config)
 
     def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """What an epoch's log line and metrics.jsonl record carry from the evaluation."""

@@ -11,6 +11,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig, check_seed
 from toyaccel.engine.batches import data_loader as _loader
+from toyaccel.engine.evaluation import Leading
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.workload import EvaluateRequest, GenerateRequest, SavedRun
 from toyaccel.errors import ToyaccelError
@@ -25,10 +26,12 @@ MAX_NEW_TOKENS = 1_000_000
 EVAL_WINDOWS = 8  # toyaccel-evaluate's default windows per process per batch
 
 
-def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement):
-    """Every window once, the tokens kept where ``placement`` keeps them, prepared: what the training's
-    evaluation and toyaccel-evaluate read."""
-    return accelerator.prepare(eval_loader(placement.place(windows), config))
+def prepared_eval_loader(accelerator, windows, config: TrainConfig, placement, count: int | None = None):
+    """Every window once (the first ``count``), the tokens kept where ``placement`` keeps them, prepared: what
+    the training's evaluation and toyaccel-evaluate read."""
+    placed = placement.place(windows)
+    # The loader's dataset is what is read: gather_for_metrics trims accelerate's padding by its length.
+    return accelerator.prepare(eval_loader(placed if count is None else Leading(placed, count), config))
 
 
 def eval_loader(windows, config: TrainConfig, batch_size: int | None = None):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
 from toyaccel.config import TOKENIZERS, TrainConfig
+from toyaccel.engine.evaluation import eval_count
 from toyaccel.engine.reporting import say
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
@@ -63,12 +64,13 @@ class GPTWorkload(Workload):
         return config.drop_rate > 0
 
     def evaluator(self, accelerator, config: TrainConfig, data: TextBundle, placement):
-        """What scores the model at an epoch's end: every training and validation window once, kept where
-        ``placement`` keeps the training tokens. The windows go through a prepared loader (gather_for_metrics
-        trims accelerate's padding), not the MLP's row shares: its per-window sums make the figures the same
-        for any number of processes."""
+        """What scores the model at an epoch's end: every training and validation window once (with
+        --eval-batches M, the first M x --batch-size of each), kept where ``placement`` keeps the training
+        tokens. The windows go through a prepared loader (gather_for_metrics trims accelerate's padding), not
+        the MLP's row shares: its per-window sums make the figures the same for any number of processes."""
         sets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-        loaders = {name: prepared_eval_loader(accelerator, ds, config, placement) for name, ds in sets.items()}
+        loaders = {name: prepared_eval_loader(accelerator, ds, config, placement, eval_count(len(ds), config))
+                   for name, ds in sets.items()}  # fmt: skip
         return lambda model: {name: evaluate(accelerator, model, loader) for name, loader in loaders.items()}
 
     def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:

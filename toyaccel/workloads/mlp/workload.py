@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, check_count, check_fits, mlp_parameters, parse_hidden
+from toyaccel.engine.evaluation import eval_count
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads.mlp import inference
@@ -41,8 +42,10 @@ class MLPWorkload(Workload):
     def evaluator(self, accelerator, config: TrainConfig, data: DataBundle, placement):
         """What scores the model at an epoch's end: the training rows (a fixed sample of them unless
         --eval-train full) and the validation rows, straight from the tensors (no loader to prepare), kept
-        where ``placement`` (toyaccel.engine.placement) keeps the training data."""
-        sets = {name: placement.place(dataset) for name, dataset in evaluation_sets(config, data).items()}
+        where ``placement`` (toyaccel.engine.placement) keeps the training data; with --eval-batches M, the
+        first M x --batch-size rows of each."""
+        sets = {name: leading_rows(placement.place(dataset), eval_count(len(dataset), config))
+                for name, dataset in evaluation_sets(config, data).items()}  # fmt: skip
         return lambda model: evaluate_sets(accelerator, model, sets, data.num_classes, config)
 
     def epoch_fields(self, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -99,6 +102,11 @@ def evaluation_sets(config: TrainConfig, data: DataBundle) -> dict[str, ToyDatas
     if data.val is not None:
         sets["val"] = data.val
     return sets
+
+
+def leading_rows(dataset: ToyDataset, count: int) -> ToyDataset:
+    """The first ``count`` rows of ``dataset``, as views (no copy)."""
+    return dataset if count == len(dataset) else ToyDataset(dataset.features[:count], dataset.labels[:count])
 
 
 def evaluate_sets(accelerator, model, sets: dict[str, ToyDataset], num_classes: int, config: TrainConfig):
