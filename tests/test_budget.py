@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from toyaccel import TrainConfig, fit, load_model
 from toyaccel.cli import train_main
 from toyaccel.workloads import get_workload
-from toyaccel.workloads.mlp import evaluation_sets
+from toyaccel.workloads.mlp.workload import evaluation_sets
 
 RUN = {"data": "synthetic", "num_samples": 80, "val_fraction": 0.2, "batch_size": 4, "plot": False, "progress": False}
 STEPS_PER_EPOCH = 16
