@@ -16,6 +16,7 @@ from typing import Any
 
 from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.shards import shard_defaults
 from toyaccel.workloads import get_workload, workload_names
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -55,7 +56,7 @@ MLP_OPTIONS = ("label_column", "ignore_columns", "num_features", "num_classes", 
 # --help and --config files group the options; an option not listed here is a "run" option.
 SECTIONS = {
     "data": ("data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
-             "num_classes", "standardize", "tokenizer", "vocab_size", "stride"),
+             "num_classes", "standardize", "tokenizer", "vocab_size", "stride", "verify_data"),
     "model": ("model", "preset", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
@@ -83,7 +84,8 @@ class TrainConfig:
     data: str | None = _opt(
         None,
         "mlp: 'toy' (the book's 5+2 points, default), 'synthetic' (seeded Gaussian blobs) or a CSV path; "
-        "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file or a folder of .txt files",
+        "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file, a folder of .txt files, or a "
+        "folder of token shards (toyaccel-prepare's, or nanoGPT's train.bin/val.bin) read through a memory map",
     )
     val_data: str | None = _opt(
         None, "validation data: CSV rows (mlp; default: the book's test set for 'toy') or text (gpt)"
@@ -114,6 +116,8 @@ class TrainConfig:
         None, "gpt: vocabulary size of the model (the BPE learns at most this many; default 1024)"
     )
     stride: int | None = _opt(None, "gpt: tokens between the starts of two windows (default: the context length)")
+    verify_data: bool = _opt(False, "gpt, a shard folder: check every shard's SHA-256 against its manifest first "
+                             "(reads the whole corpus once)")
     # --- model --------------------------------------------------------------------------------
     hidden: tuple[int, ...] | None = _opt(None, "mlp: hidden layer sizes, comma separated (the book: 30,20)")
     preset: str | None = _opt(
@@ -205,6 +209,8 @@ class TrainConfig:
             fills["tokenizer"] = "bytes" if (self.data or fills["data"]) == "synthetic" else "bpe"
             tokenizer = self.tokenizer or fills["tokenizer"]
             fills["vocab_size"] = {"bytes": 256, "gpt2": 50257}.get(tokenizer, fills["vocab_size"])
+            # A shard folder decides its tokenizer, vocabulary and split where the options leave them unset.
+            fills.update(shard_defaults(self.data or fills["data"]))
             fills.update(PRESETS.get(self.preset, {}))
         for name, value in fills.items():
             self._fill(name, value)

@@ -190,6 +190,38 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def is_shard_folder(data: str | None) -> bool:
+    """Whether ``--data`` names prepared shards: a folder with a manifest, or nanoGPT's train.bin."""
+    if not data or data in ("synthetic", "toy"):
+        return False
+    folder = Path(data)
+    return folder.is_dir() and ((folder / MANIFEST).is_file() or (folder / "train.bin").is_file())
+
+
+def shard_defaults(data: str | None) -> dict[str, Any]:
+    """The options a shard folder decides when left unset: its tokenizer, vocabulary and split. Empty for
+    anything else, or a manifest that cannot be read (loading the data names what is wrong with it)."""
+    if not is_shard_folder(data):
+        return {}
+    try:
+        manifest = read_manifest(data)
+    except ToyaccelError:
+        return {}
+    if manifest["format"] == "nanogpt":  # GPT-2's tiktoken ids, as nanoGPT's prepare.py writes them
+        return {"tokenizer": "gpt2", "vocab_size": 50257, "val_fraction": 0.0}
+    tokenizer = manifest.get("tokenizer") or {}
+    defaults = {"tokenizer": tokenizer.get("type"), "vocab_size": manifest.get("vocab_size"),
+                "val_fraction": manifest.get("val_fraction")}  # fmt: skip
+    return {name: value for name, value in defaults.items() if value is not None}
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """What identifies a shard folder's tokens for a resume, from its manifest alone (its checksums and
+    counts; nanoGPT's files, which have none: their names and sizes): start-up reads no token."""
+    kept = {key: manifest.get(key) for key in ("format", "dtype", "tokenizer", "train", "val")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def split_shards(folder: str | Path, manifest: dict[str, Any], split: str) -> list[Shard]:
     """The shards of ``split``, each found with the size its manifest gives (no reading: start-up stays
     the same for any corpus size)."""
@@ -231,8 +263,11 @@ class ShardWindows:
     ``stride`` ids inside each shard, with the next ids as targets. ``__getitems__`` gathers a batch by
     reading just its windows' pages."""
 
-    def __init__(self, shards: list[Shard], dtype: str, context_length: int, stride: int):
+    def __init__(self, shards: list[Shard], dtype: str, context_length: int, stride: int,
+                 check_below: int | None = None):  # fmt: skip
         self.context_length, self.stride = context_length, stride
+        # Ids no manifest vouches for (nanoGPT's files) are checked batch by batch against the vocabulary.
+        self.check_below = check_below
         self.maps = [np.memmap(s.path, dtype=dtype, mode="r", shape=(s.tokens,)) for s in shards]
         # The book's range(0, len(ids) - max_length, stride), per shard.
         counts = [max(0, -(-(s.tokens - context_length) // stride)) for s in shards]
@@ -255,5 +290,10 @@ class ShardWindows:
             mine = shard_of == k
             starts = (indices[mine] - self.first[k]) * self.stride
             rows[mine] = self.maps[k][starts[:, None] + self.offsets]
+            if self.check_below is not None and rows[mine].max(initial=0) >= self.check_below:
+                raise ToyaccelError(
+                    f"{self.maps[k].filename}: token id {int(rows[mine].max())} is beyond the model's vocab_size "
+                    f"of {self.check_below}; raise --vocab-size"
+                )
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

@@ -339,6 +339,10 @@ class TextWindows:
     def __len__(self) -> int:
         return self.starts.numel()
 
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
     def __getitem__(self, index):
         inputs, targets = self.__getitems__([index])
         return inputs[0], targets[0]

@@ -19,6 +19,8 @@ from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.saved import load_model, read_run_config
+from toyaccel.shard_data import ShardBundle, first_tokens, load_shard_data
+from toyaccel.shards import is_shard_folder
 from toyaccel.text import (
     TextBundle,
     TextWindows,
@@ -48,8 +50,8 @@ class GPTWorkload(Workload):
     name = "gpt"
     MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
 
-    def load_data(self, config: TrainConfig) -> TextBundle:
-        return load_text_data(config)
+    def load_data(self, config: TrainConfig) -> TextBundle | ShardBundle:
+        return load_shard_data(config) if is_shard_folder(config.data) else load_text_data(config)
 
     def model_shape(self, config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
         """The book's GPT_CONFIG dict."""
@@ -98,8 +100,8 @@ class GPTWorkload(Workload):
         return {
             "model": self.model_shape(config, data),
             "tokenizer": {"type": data.tokenizer.kind, "size": data.tokenizer.size},
-            "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
-                     "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
+            "data": {"source": data.source, "train_tokens": data.train.num_tokens,
+                     "val_tokens": data.val.num_tokens if data.val is not None else 0},
         }  # fmt: skip
 
     def check_run_description(self, saved: dict[str, Any]) -> None:
@@ -109,9 +111,9 @@ class GPTWorkload(Workload):
         """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), ...``"""
         windows = data.train.context_length
         words = f"data {data.source}: {data.tokenizer.kind} tokenizer ({data.tokenizer.size} tokens); "
-        words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
+        words += f"train {len(data.train)} windows of {windows} tokens ({data.train.num_tokens} tokens)"
         if data.val is not None:
-            words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
+            words += f", val {len(data.val)} windows ({data.val.num_tokens} tokens)"
         if data.best_loss is not None:
             words += f"; best possible loss {data.best_loss:.4f} (the text's entropy per token)"
         return words
@@ -132,7 +134,7 @@ class GPTWorkload(Workload):
         # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         net = model if fsdp else accelerator.unwrap_model(model, keep_torch_compile=False)
-        ids = start_ids(data.tokenizer, data.train.tokens)
+        ids = start_ids(data.tokenizer, data.train)
         device = next(net.parameters()).device
         out = generate(net, torch.tensor([ids], device=device), SAMPLE_TOKENS, config.context_length)
         sample = data.tokenizer.decode(out[0].tolist())
@@ -191,13 +193,13 @@ def check_run_description(saved: dict[str, Any]) -> None:
         raise ToyaccelError(f"model: {e}") from None
 
 
-def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
+def start_ids(tokenizer, train) -> list[int]:
     """The book's start context where the vocabulary has it, else the training text's first tokens."""
     try:
         tokenizer.check_prompt(START_CONTEXT)
         return tokenizer.encode(START_CONTEXT)
     except Exception:  # noqa: BLE001 - a byte vocabulary without these letters
-        return train[:8].tolist()
+        return first_tokens(train, 8)
 
 
 @torch.no_grad()
