@@ -101,3 +101,18 @@ def first_tokens(windows, count: int) -> list[int]:
     """The first ``count`` token ids of a set of windows (in memory or memory-mapped)."""
     inputs, _targets = windows.__getitems__(torch.tensor([0]))
     return inputs[0, :count].tolist()
+
+
+def shard_validation_windows(folder: str, saved: dict[str, Any]) -> ShardWindows:
+    """A saved run's windows over a shard folder's validation split (toyaccel-evaluate), each batch's ids
+    checked against the run's vocabulary: the folder may not be the one it trained on."""
+    manifest = read_manifest(folder)
+    shards = split_shards(folder, manifest, "val")
+    if not shards:
+        raise ToyaccelError(f"{Path(folder) / MANIFEST}: no validation shards to evaluate on")
+    context = saved["model"]["context_length"]
+    stride = saved["config"].get("stride") or context
+    ds = ShardWindows(shards, manifest["dtype"], context, stride, saved["model"]["vocab_size"])
+    if len(ds) == 0:
+        raise ToyaccelError(f"{folder}: its validation shards are too short for one window of {context} tokens")
+    return ds

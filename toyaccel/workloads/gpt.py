@@ -19,7 +19,7 @@ from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.gpt_model import GPT_CONFIG_KEYS, GPTModel
 from toyaccel.saved import load_model, read_run_config
-from toyaccel.shard_data import ShardBundle, first_tokens, load_shard_data
+from toyaccel.shard_data import ShardBundle, first_tokens, load_shard_data, shard_validation_windows
 from toyaccel.shards import is_shard_folder
 from toyaccel.text import (
     TextBundle,
@@ -278,7 +278,10 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
     options = saved["config"]
     # A run on a file saves no num_samples (the synthetic text's length): --data synthetic then reads the default.
     num_chars = options.get("num_samples") or WORKLOAD_DEFAULTS["gpt"]["num_samples"]
-    if data is None:
+    if is_shard_folder(data or options["data"]):  # read through the memory map, not tokenized again
+        dataset = shard_validation_windows(data or options["data"], saved)
+        text, what = None, data or f"the run's validation shards in {options['data']}"
+    elif data is None:
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]
         elif options.get("val_fraction"):
@@ -288,11 +291,14 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
             raise ToyaccelError(f"{run_dir} was trained without validation text; pass --data FILE.txt")
     else:
         text, what = source_text(data, num_chars, options["seed"]), data
-    context = saved["model"]["context_length"]
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
-    dataset = TextWindows(ids, context, options.get("stride") or context)
-    if len(dataset) == 0:
-        raise ToyaccelError(f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target")
+    if text is not None:
+        context = saved["model"]["context_length"]
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+        dataset = TextWindows(ids, context, options.get("stride") or context)
+        if len(dataset) == 0:
+            raise ToyaccelError(
+                f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target"
+            )
     batch_size = EVAL_WINDOWS if batch_size is None else batch_size
     config = build_config(None, model="gpt", batch_size=batch_size, output_dir=str(run_dir))
     metrics = on_accelerator(config, evaluate_prepared, model, dataset, config)
