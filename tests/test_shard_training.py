@@ -8,19 +8,11 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    accelerate_launch,
-    assert_weights_close,
-    assert_weights_equal,
-    check_ok,
-    read_json,
-    run_python,
-    step_losses,
-    weights,
-)
+from conftest import accelerate_launch, assert_weights_close, assert_weights_equal, check_ok, read_json
 
 from toyaccel.cli import generate_main, train_main
 from toyaccel.engine.checkpoint import checkpoint_dirs
@@ -69,7 +61,7 @@ def test_shards_train_the_same_weights_as_the_text_they_hold(tmp_path, capsys):
     args = ("--tokenizer", "bytes", "--batch-size", "8")
     assert train_here(tmp_path / "from_shards", "--data", str(tmp_path / "shards"), *args) == 0
     assert train_here(tmp_path / "from_text", "--data", str(text), *args) == 0
-    assert_weights_equal(weights(tmp_path / "from_shards"), weights(tmp_path / "from_text"))
+    assert_weights_equal(conftest.weights(tmp_path / "from_shards"), conftest.weights(tmp_path / "from_text"))
     ours, theirs = (read_json(tmp_path / run / "results.json") for run in ("from_shards", "from_text"))
     assert ours["val_loss"] == theirs["val_loss"]
     # The run folder works with the other tools: evaluate reads the shards' validation split.
@@ -89,7 +81,7 @@ def test_several_shards_n_processes_equal_one_and_a_killed_run_resumes_exactly(t
     with ThreadPoolExecutor(max_workers=2) as pool:
         two = pool.submit(accelerate_launch, "multi_cpu.yaml", *args, "--batch-size", "3",
                           "--output-dir", str(tmp_path / "two_x_3"), timeout=TIMEOUT)  # fmt: skip
-        killed = pool.submit(run_python, "scripts/train.py", *args, "--batch-size", "6", "--output-dir",
+        killed = pool.submit(conftest.run_python, "scripts/train.py", *args, "--batch-size", "6", "--output-dir",
                              str(tmp_path / "killed"), env={"TOYACCEL_FAULT": "step:170"}, timeout=TIMEOUT)  # fmt: skip
         assert train_main([*args, "--batch-size", "6", "--output-dir", str(tmp_path / "one_x_6")]) == 0
         check_ok(two.result())
@@ -97,14 +89,14 @@ def test_several_shards_n_processes_equal_one_and_a_killed_run_resumes_exactly(t
     one = tmp_path / "one_x_6"
     # 4 shards of 187 windows each (windows never span two shards): 124 steps an epoch.
     assert read_json(one / "config.json")["data"]["train_tokens"] == 12_000
-    assert len(step_losses(one)) > 0
-    assert_weights_close(weights(tmp_path / "two_x_3"), weights(one))
-    assert step_losses(tmp_path / "two_x_3") == pytest.approx(step_losses(one), abs=2e-6)
+    assert len(conftest.step_losses(one)) > 0
+    assert_weights_close(conftest.weights(tmp_path / "two_x_3"), conftest.weights(one))
+    assert conftest.step_losses(tmp_path / "two_x_3") == pytest.approx(conftest.step_losses(one), abs=2e-6)
     assert [p.name for p in checkpoint_dirs(tmp_path / "killed")][0] == "step_160"  # 36 steps into epoch 2
     assert train_main([*args, "--batch-size", "6", "--output-dir", str(tmp_path / "killed"), "--resume",
                        "latest"]) == 0  # fmt: skip
-    assert_weights_equal(weights(tmp_path / "killed"), weights(one))
-    assert step_losses(tmp_path / "killed") == step_losses(one)
+    assert_weights_equal(conftest.weights(tmp_path / "killed"), conftest.weights(one))
+    assert conftest.step_losses(tmp_path / "killed") == conftest.step_losses(one)
 
 
 def bundle(folder: Path) -> ShardBundle:
