@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from toyaccel.config import in_bytes, machine_memory, require_regular_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.token_ids import compact, encode_compact
 
 # The synthetic text's alphabet: a first-order Markov chain over these characters.
 SYNTHETIC_ALPHABET = "abcdefghijklmno "
@@ -138,6 +140,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -193,6 +198,9 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch_fast(texts)]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
@@ -228,6 +236,10 @@ class GPT2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.encoding.encode_batch(texts, allowed_special={"<|endoftext|>"})
+        return [np.asarray(i, dtype=np.int32) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
@@ -285,9 +297,9 @@ def file_lock(path: Path):
 def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
     """The tokenizer and the ids of both texts, computed by the first process and cached for the rest."""
     if kind == "bytes":  # nothing to learn and nothing slow: no cache
-        train = torch.frombuffer(bytearray(train_text.encode("utf-8")), dtype=torch.uint8).long()
-        val = torch.frombuffer(bytearray(val_text.encode("utf-8")), dtype=torch.uint8).long() if val_text else None
-        return ByteTokenizer(sorted(set(train.unique().tolist()))), train, val
+        train = torch.frombuffer(bytearray(train_text.encode("utf-8")), dtype=torch.uint8)
+        val = torch.frombuffer(bytearray(val_text.encode("utf-8")), dtype=torch.uint8) if val_text else None
+        return ByteTokenizer(torch.bincount(train, minlength=256).nonzero().flatten().tolist()), train, val
     h = hashlib.sha256(f"{kind}\0{vocab_size}\0{len(train_text)}\0".encode())
     h.update(train_text.encode("utf-8"))
     h.update(b"\0" + (val_text or "").encode("utf-8"))
@@ -304,14 +316,15 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None):
         raise ToyaccelError(
             f"cannot use the token cache {folder} (set TOYACCEL_CACHE_DIR): {e.strerror or e}"
         ) from None
-    return tokenizer, tokens["train"], tokens.get("val")
+    # A cache written before tokens were kept compactly holds int64.
+    return tokenizer, *(compact(tokens[k], tokenizer.size) if k in tokens else None for k in ("train", "val"))
 
 
 def write_cache(folder: Path, kind: str, vocab_size: int, train_text: str, val_text: str | None) -> None:
     tokenizer = GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.train(train_text, vocab_size)
-    tokens = {"train": torch.tensor(tokenizer.encode(train_text), dtype=torch.int64)}
+    tokens = {"train": encode_compact(tokenizer, train_text)}
     if val_text:
-        tokens["val"] = torch.tensor(tokenizer.encode(val_text), dtype=torch.int64)
+        tokens["val"] = encode_compact(tokenizer, val_text)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process that died here
     tmp.mkdir(parents=True)
@@ -350,7 +363,7 @@ class TextWindows:
     def __getitems__(self, indices):
         # The sampler's indices are already where the tokens are (on a GPU: toyaccel.engine.placement); lists move.
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.starts.device)
-        rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets]
+        rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets].long()  # kept compactly, read as int64
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -367,7 +380,8 @@ class TextBundle:
         h = hashlib.sha256(self.tokenizer.to_json().encode())
         for ds in (self.train, self.val):
             if ds is not None:
-                h.update(ds.tokens.numpy().tobytes())
+                for part in ds.tokens.split(1 << 22):  # as int64, as before tokens were kept compactly
+                    h.update(part.long().numpy().tobytes())
                 h.update(f"{ds.context_length}:{ds.starts[1:2].tolist()}".encode())
         return h.hexdigest()[:16]
 

@@ -25,6 +25,7 @@ from toyaccel.text import (
     TextBundle,
     TextWindows,
     best_possible_loss,
+    encode_compact,
     load_text_data,
     load_tokenizer,
     perplexity,
@@ -293,7 +294,7 @@ def evaluate_text_run(run_dir: str | Path, data: str | None, batch_size: int | N
         text, what = source_text(data, num_chars, options["seed"]), data
     if text is not None:
         context = saved["model"]["context_length"]
-        ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+        ids = encode_compact(tokenizer, text)
         dataset = TextWindows(ids, context, options.get("stride") or context)
         if len(dataset) == 0:
             raise ToyaccelError(
