@@ -173,3 +173,19 @@ def test_a_bad_shard_folder_is_one_line_naming_the_file_and_writes_nothing(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_large_epochs_order_is_the_same_permutation_cut_block_by_block():
+    """The sampler keeps a large corpus's order in int32 and cuts it into batches a block at a time: the
+    batches are still randperm's (int64) order, resumed mid-epoch too."""
+    from toyaccel.engine.batches import SPLIT_BATCHES, EpochBatchSampler
+
+    num_windows, batch = 3 * SPLIT_BATCHES * 4 + 50, 4
+    sampler = EpochBatchSampler(num_windows, batch, 2 * batch)
+    order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(7))
+    for start in (0, 5 * 2 * batch):
+        sampler.start_epoch(7, start)
+        got = list(sampler)
+        end = start + (num_windows - start) // (2 * batch) * 2 * batch
+        assert len(got) == len(sampler) == (end - start) // batch
+        assert torch.equal(torch.cat(got).long(), order[start:end]) and {len(b) for b in got} == {batch}
