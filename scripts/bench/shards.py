@@ -137,3 +137,22 @@ def shard_rows(args, work_dir: str) -> dict:
     peaks = [row["VmHWM"] for row in result["training"]]
     result["peak_rss_growth_mib"] = peaks[-1] - peaks[0]
     return result
+
+
+RSS_GROWTH_TARGET_MIB = 100  # issue 22: from the smallest corpus to the largest
+
+
+def shard_table(shards: dict) -> list[str]:
+    prep = shards["prepare"]
+    lines = [f"\ntoken shards: toyaccel-prepare {prep['prepare_tokens_per_s']:,.0f} tokens/s on {prep['cores']} cores "
+             f"({prep['text_mb']} MB of text; the tokenizers library's encode_batch alone "
+             f"{prep['encode_batch_tokens_per_s']:,.0f}, encode_batch_fast "
+             f"{prep['encode_batch_fast_tokens_per_s']:,.0f})",
+             "training from shards (scripts/train.py --model gpt --data SHARDS): GB of tokens | first step s | "
+             f"peak RSS MiB after {STEPS} steps"]  # fmt: skip
+    for row in shards["training"]:
+        lines.append(f"  {row['gigabytes']:>5} | {row['first_step_s']:.2f} | {row['VmHWM']:.0f}")
+    growth = shards["peak_rss_growth_mib"]
+    verdict = "met" if growth <= RSS_GROWTH_TARGET_MIB else "MISSED"
+    lines.append(f"  peak RSS growth {growth:.0f} MiB, target <= {RSS_GROWTH_TARGET_MIB}: {verdict}")
+    return lines
