@@ -152,6 +152,8 @@ def corrupt(folder: Path, case: str) -> list[str]:
         return ["--vocab-size", "100"]  # the bytes of the synthetic text reach 111
     elif case == "tokenizer":
         return ["--tokenizer", "bpe"]
+    elif case == "val_fraction":
+        return ["--val-fraction", "0.3"]
     return []
 
 
@@ -163,6 +165,7 @@ def corrupt(folder: Path, case: str) -> list[str]:
         ("checksum", "train_000002.bin: damaged (checksum differs from manifest.json)"),
         ("vocab", "train_000000.bin: token id 111 is beyond the model's vocab_size of 100"),
         ("tokenizer", "manifest.json: prepared with the bytes tokenizer, not --tokenizer bpe"),
+        ("val_fraction", "manifest.json: a shard folder holds its own validation split; drop --val-fraction"),
     ],
 )
 def test_a_bad_shard_folder_is_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys, case, message):

@@ -59,8 +59,10 @@ def check_options(folder: Path, manifest: dict[str, Any], tokenizer, config) -> 
         raise ToyaccelError(
             f"{where}: prepared with the {tokenizer.kind} tokenizer, not --tokenizer {config.tokenizer}"
         )
-    if config.val_data:
-        raise ToyaccelError(f"{where}: a shard folder holds its own validation split; drop --val-data")
+    given_fraction = "val_fraction" not in getattr(config, "_defaulted", {"val_fraction"})
+    if config.val_data or (given_fraction and config.val_fraction != manifest.get("val_fraction", 0.0)):
+        option = "--val-data" if config.val_data else "--val-fraction"
+        raise ToyaccelError(f"{where}: a shard folder holds its own validation split; drop {option}")
     for split in ("train", "val"):
         for entry in manifest.get(split) or []:
             if int(entry.get("max_id", -1)) >= config.vocab_size:
