@@ -33,8 +33,8 @@ class ShardBundle:
 
     def fingerprint(self) -> str:
         """The manifest's (checksums, counts, tokenizer) and the windows': no token is read."""
-        windows = f"{self.train.context_length}:{self.train.stride}"
-        return manifest_fingerprint({**self.manifest, "windows": windows})[:16] + windows.replace(":", "-")
+        windows = {"windows": [self.train.context_length, self.train.stride]}
+        return manifest_fingerprint({**self.manifest, **windows})[:16]
 
 
 def manifest_tokenizer(folder: Path, manifest: dict[str, Any]):

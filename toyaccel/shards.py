@@ -218,7 +218,7 @@ def shard_defaults(data: str | None) -> dict[str, Any]:
 def manifest_fingerprint(manifest: dict[str, Any]) -> str:
     """What identifies a shard folder's tokens for a resume, from its manifest alone (its checksums and
     counts; nanoGPT's files, which have none: their names and sizes): start-up reads no token."""
-    kept = {key: manifest.get(key) for key in ("format", "dtype", "tokenizer", "train", "val")}
+    kept = {key: manifest.get(key) for key in ("format", "dtype", "tokenizer", "train", "val", "windows")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -280,7 +280,7 @@ class ShardWindows:
         self.num_tokens = sum(s.tokens for s in shards)
         self._files: tuple[int, list[int]] | None = None  # (pid, descriptors): opened by each process
 
-    def __getstate__(self):
+    def __getstate__(self):  # a copy (copy.copy, a spawned worker) opens its own descriptors
         return {**self.__dict__, "_files": None}
 
     def __del__(self):
