@@ -31,3 +31,19 @@ def test_ids_encoded_piece_by_piece_are_the_whole_texts_compactly(monkeypatch):
     assert ids.dtype == torch.int16 and ids.tolist() == tokenizer.encode(TRICKY)
     assert ByteTokenizer().size == 256 and encode_compact(ByteTokenizer(), "héllo").dtype == torch.uint8
     assert encode_compact(ByteTokenizer(), "héllo").tolist() == list("héllo".encode())
+
+
+def test_the_gpts_in_memory_text_keeps_its_ids_compactly(tmp_path, monkeypatch):
+    from toyaccel.config import build_config
+    from toyaccel.text import load_text_data
+
+    monkeypatch.setenv("TOYACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "a.txt").write_text(TRICKY + synthetic_text(5_000, 3))
+    for tokenizer, dtype in (("bytes", torch.uint8), ("bpe", torch.int16)):
+        config = build_config(None, model="gpt", data=str(tmp_path / "a.txt"), tokenizer=tokenizer,
+                              context_length=16)  # fmt: skip
+        for _ in range(2):  # tokenized, then read from the token cache
+            data = load_text_data(config)
+            assert data.train.tokens.dtype == data.val.tokens.dtype == dtype
+            inputs, targets = data.train.__getitems__(torch.tensor([3, 0]))
+            assert inputs.dtype == torch.int64 and torch.equal(inputs[1], data.train.tokens[:16].long())
