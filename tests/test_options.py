@@ -25,17 +25,17 @@ from toyaccel.options import SECTION_NAMES, flag, option, option_names, option_t
 from toyaccel.workloads import WORKLOADS, register_workload
 
 # The tables as they were written by hand before the options were declared once (toyaccel 0.1), with the
-# options added since (init_from, max_steps) where main's hand-written tables had them.
+# options added since (init_from, max_steps, verify_data) where main's hand-written tables had them.
 HAND_WRITTEN_MLP_OPTIONS = (
     "label_column", "ignore_columns", "num_features", "num_classes", "standardize", "hidden", "eval_train",
 )  # fmt: skip
 HAND_WRITTEN_GPT_OPTIONS = (
-    "preset", "init_from", "tokenizer", "vocab_size", "stride", "context_length", "emb_dim", "n_heads", "n_layers",
-    "drop_rate", "qkv_bias",
+    "preset", "init_from", "tokenizer", "vocab_size", "stride", "verify_data", "context_length", "emb_dim",
+    "n_heads", "n_layers", "drop_rate", "qkv_bias",
 )  # fmt: skip
 HAND_WRITTEN_SECTIONS = {
     "data": ("data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
-             "num_classes", "standardize", "tokenizer", "vocab_size", "stride"),
+             "num_classes", "standardize", "tokenizer", "vocab_size", "stride", "verify_data"),
     "model": ("model", "preset", "init_from", "hidden", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
               "qkv_bias"),
     "optimizer": ("optimizer", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "lr_schedule",
@@ -54,16 +54,16 @@ HAND_WRITTEN_WORKLOAD_DEFAULTS = {
             "hidden": (30, 20), "eval_train": "sample"},
     "gpt": {"data": "synthetic", "num_samples": 50_000, "val_fraction": 0.1, "optimizer": "adamw", "lr": 0.0004,
             "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
-            "drop_rate": 0.1, "qkv_bias": False},
+            "drop_rate": 0.1, "qkv_bias": False, "verify_data": False},
 }  # fmt: skip
 ALL_OPTIONS = (
     "model", "data", "val_data", "val_fraction", "label_column", "ignore_columns", "num_samples", "num_features",
-    "num_classes", "standardize", "tokenizer", "vocab_size", "stride", "hidden", "preset", "init_from",
-    "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "optimizer", "weight_decay",
-    "epochs", "batch_size", "lr", "seed", "grad_accum", "lr_schedule", "warmup_steps", "max_grad_norm",
-    "mixed_precision", "compile", "tf32", "data_placement", "output_dir", "overwrite", "resume", "checkpoint_every",
-    "eval_every", "max_steps", "eval_every_steps", "eval_batches", "eval_train", "keep_last", "log_every",
-    "progress", "log_with", "plot", "num_workers",
+    "num_classes", "standardize", "tokenizer", "vocab_size", "stride", "verify_data", "hidden", "preset",
+    "init_from", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "optimizer",
+    "weight_decay", "epochs", "batch_size", "lr", "seed", "grad_accum", "lr_schedule", "warmup_steps",
+    "max_grad_norm", "mixed_precision", "compile", "tf32", "data_placement", "output_dir", "overwrite", "resume",
+    "checkpoint_every", "eval_every", "max_steps", "eval_every_steps", "eval_batches", "eval_train", "keep_last",
+    "log_every", "progress", "log_with", "plot", "num_workers",
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ and text modules import from here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ class TrainConfig:
     data: str | None = option(
         None,
         "mlp: 'toy' (the book's 5+2 points, default), 'synthetic' (seeded Gaussian blobs) or a CSV path; "
-        "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file or a folder of .txt files",
+        "gpt: 'synthetic' (seeded text of known entropy, default), a UTF-8 text file, a folder of .txt files, or a "
+        "folder of token shards (toyaccel-prepare's, or nanoGPT's train.bin/val.bin) read through a memory map",
         section="data", by_workload={MLP: "toy", GPT: "synthetic"}, identity=True, described=True,
     )  # fmt: skip
     val_data: str | None = option(
@@ -127,6 +129,11 @@ class TrainConfig:
     stride: int | None = option(
         BY_RULE, "gpt: tokens between the starts of two windows (default: the context length)",
         section="data", workload=GPT, identity=True,
+    )  # fmt: skip
+    verify_data: bool = option(
+        False, "gpt, a shard folder: check every shard's SHA-256 against its manifest first (reads the whole corpus "
+        "once)",
+        section="data", workload=GPT,
     )  # fmt: skip
     # --- model --------------------------------------------------------------------------------
     hidden: tuple[int, ...] | None = option(
@@ -338,6 +345,18 @@ def vocab_size_by_tokenizer(chosen: Chosen) -> dict[str, Any]:
     return {} if size is None else {"vocab_size": size}
 
 
+def shard_folder_decides(chosen: Chosen) -> dict[str, Any]:
+    """A folder of token shards decides its tokenizer, vocabulary and split (after the defaults by data and
+    tokenizer, which it overrides; before the preset's shape)."""
+    data = chosen("data")
+    if not (isinstance(data, str) and os.path.isdir(data)):
+        return {}
+    # Imported here: the command line's --help and option errors need no torch start-up.
+    from toyaccel.shards import shard_defaults
+
+    return shard_defaults(data)
+
+
 def preset_shape(chosen: Chosen) -> dict[str, Any]:
     """--preset fills the model options not given (after the tokenizer's vocabulary: it names its own)."""
     return PRESETS.get(chosen("preset"), {})
@@ -360,7 +379,8 @@ def stride_is_context_length(chosen: Chosen) -> dict[str, Any]:
 
 
 DEFAULT_RULES = (
-    no_split_beside_val_data, weight_decay_by_optimizer, tokenizer_by_data, vocab_size_by_tokenizer, preset_shape,
+    no_split_beside_val_data, weight_decay_by_optimizer, tokenizer_by_data, vocab_size_by_tokenizer,
+    shard_folder_decides, preset_shape,
     shape_of_init_folder, stride_is_context_length,
 )  # fmt: skip
 

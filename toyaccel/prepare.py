@@ -56,16 +56,6 @@ def hf_tokenizer(folder: Path) -> BPETokenizer:
     raise ToyaccelError(f"{folder}: no tokenizer.json, nor vocab.json and merges.txt")
 
 
-def encode_batch(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    if isinstance(tokenizer, ByteTokenizer):
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
-    if isinstance(tokenizer, GPT2Tokenizer):
-        ids = tokenizer.encoding.encode_batch(texts, allowed_special={END_OF_TEXT})
-    else:
-        ids = [e.ids for e in tokenizer.tokenizer.encode_batch_fast(texts)]
-    return [np.asarray(i, dtype=np.int64) for i in ids]
-
-
 def end_of_text_id(tokenizer) -> int | None:
     if isinstance(tokenizer, GPT2Tokenizer):
         return tokenizer.encoding.eot_token
@@ -178,7 +168,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bpe", vocab_size: int =
                 continue
         texts = [text for text, _, _ in batch]
         first = done - len(batch)  # blocks before this batch
-        for j, ((text, split, doc_end), ids) in enumerate(zip(batch, encode_batch(tok, texts))):
+        for j, ((text, split, doc_end), ids) in enumerate(zip(batch, tok.encode_batch(texts))):
             if split == "val" and writers["train"].count:
                 writers["train"].flush(final=True)
             writers[split].add(ids)

@@ -190,6 +190,38 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def is_shard_folder(data: str | None) -> bool:
+    """Whether ``--data`` names prepared shards: a folder with a manifest, or nanoGPT's train.bin."""
+    if not data or data in ("synthetic", "toy"):
+        return False
+    folder = Path(data)
+    return folder.is_dir() and ((folder / MANIFEST).is_file() or (folder / "train.bin").is_file())
+
+
+def shard_defaults(data: str | None) -> dict[str, Any]:
+    """The options a shard folder decides when left unset: its tokenizer, vocabulary and split. Empty for
+    anything else, or a manifest that cannot be read (loading the data names what is wrong with it)."""
+    if not is_shard_folder(data):
+        return {}
+    try:
+        manifest = read_manifest(data)
+    except ToyaccelError:
+        return {}
+    if manifest["format"] == "nanogpt":  # GPT-2's tiktoken ids, as nanoGPT's prepare.py writes them
+        return {"tokenizer": "gpt2", "vocab_size": 50257, "val_fraction": 0.0}
+    tokenizer = manifest.get("tokenizer") or {}
+    defaults = {"tokenizer": tokenizer.get("type"), "vocab_size": manifest.get("vocab_size"),
+                "val_fraction": manifest.get("val_fraction")}  # fmt: skip
+    return {name: value for name, value in defaults.items() if value is not None}
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """What identifies a shard folder's tokens for a resume, from its manifest alone (its checksums and
+    counts; nanoGPT's files, which have none: their names and sizes): start-up reads no token."""
+    kept = {key: manifest.get(key) for key in ("format", "dtype", "tokenizer", "train", "val", "windows")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def split_shards(folder: str | Path, manifest: dict[str, Any], split: str) -> list[Shard]:
     """The shards of ``split``, each found with the size its manifest gives (no reading: start-up stays
     the same for any corpus size)."""
@@ -227,18 +259,39 @@ def verify_shards(folder: str | Path) -> None:
 
 
 class ShardWindows:
-    """The book's GPTDatasetV1 over memory-mapped shards: windows of ``context_length`` ids every
-    ``stride`` ids inside each shard, with the next ids as targets. ``__getitems__`` gathers a batch by
-    reading just its windows' pages."""
+    """The book's GPTDatasetV1 over token shards: windows of ``context_length`` ids every ``stride`` ids
+    inside each shard, with the next ids as targets. ``maps`` views every shard through a memory map;
+    ``__getitems__`` reads just a batch's windows, each with one ``pread`` from the page cache. Not through
+    the maps: a fault on a mapped shard maps a whole page-cache folio (up to 2 MB on ext4 here, measured
+    with MADV_RANDOM set too), so a process that sampled windows from a large corpus would count hundreds
+    of MB of it in its RSS."""
 
-    def __init__(self, shards: list[Shard], dtype: str, context_length: int, stride: int):
+    def __init__(self, shards: list[Shard], dtype: str, context_length: int, stride: int,
+                 check_below: int | None = None):  # fmt: skip
         self.context_length, self.stride = context_length, stride
+        # Ids no manifest vouches for (nanoGPT's files) are checked batch by batch against the vocabulary.
+        self.check_below = check_below
+        self.paths = [s.path for s in shards]
+        self.dtype = np.dtype(dtype)
         self.maps = [np.memmap(s.path, dtype=dtype, mode="r", shape=(s.tokens,)) for s in shards]
         # The book's range(0, len(ids) - max_length, stride), per shard.
         counts = [max(0, -(-(s.tokens - context_length) // stride)) for s in shards]
         self.first = np.cumsum([0, *counts])
-        self.offsets = np.arange(context_length + 1)
         self.num_tokens = sum(s.tokens for s in shards)
+        self._files: tuple[int, list[int]] | None = None  # (pid, descriptors): opened by each process
+
+    def __getstate__(self):  # a copy (copy.copy, a spawned worker) opens its own descriptors
+        return {**self.__dict__, "_files": None}
+
+    def __del__(self):
+        if getattr(self, "_files", None) and self._files[0] == os.getpid():
+            for fd in self._files[1]:
+                os.close(fd)
+
+    def descriptors(self) -> list[int]:
+        if self._files is None or self._files[0] != os.getpid():
+            self._files = (os.getpid(), [os.open(path, os.O_RDONLY) for path in self.paths])
+        return self._files[1]
 
     def __len__(self) -> int:
         return int(self.first[-1])
@@ -250,10 +303,16 @@ class ShardWindows:
     def __getitems__(self, indices):
         indices = np.asarray(torch.as_tensor(indices, dtype=torch.long).cpu())
         shard_of = np.searchsorted(self.first, indices, side="right") - 1
-        rows = np.empty((indices.size, self.context_length + 1), dtype=np.int64)
-        for k in np.unique(shard_of):
-            mine = shard_of == k
-            starts = (indices[mine] - self.first[k]) * self.stride
-            rows[mine] = self.maps[k][starts[:, None] + self.offsets]
-        rows = torch.from_numpy(rows)
+        offsets = (indices - self.first[shard_of]) * self.stride * self.dtype.itemsize
+        width = (self.context_length + 1) * self.dtype.itemsize
+        files = self.descriptors()
+        raw = b"".join(os.pread(files[k], width, int(at)) for k, at in zip(shard_of, offsets))
+        rows = np.frombuffer(raw, dtype=self.dtype).reshape(indices.size, self.context_length + 1)
+        if self.check_below is not None and rows.size and rows.max() >= self.check_below:
+            k = shard_of[int(np.argmax(rows.max(axis=1)))]
+            raise ToyaccelError(
+                f"{self.paths[k]}: token id {int(rows.max())} is beyond the model's vocab_size "
+                f"of {self.check_below}; raise --vocab-size"
+            )
+        rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]

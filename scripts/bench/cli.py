@@ -19,9 +19,12 @@ from bench.gpt import gpt_memory_worker, gpt_rows
 from bench.loops import loop_rows
 from bench.reader import reader_peak_main, reader_result
 from bench.report import machine, ratios, table
+from bench.shards import shard_rows
 from bench.startup import time_to_first_step
 
-PARTS = ("loops", "ddp", "reader", "startup", "gpt")
+PARTS = ("loops", "ddp", "reader", "startup", "gpt", "shards")
+# The shards part writes gigabytes of tokens to disk and runs for minutes: asked for by name only.
+DEFAULT_PARTS = ("loops", "ddp", "reader", "startup", "gpt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddp-samples", type=int, default=16384, help="large MLP: samples per DDP epoch")
     p.add_argument("--ddp-repeats", type=int, default=2, help="timed epochs per launch")
     p.add_argument("--ddp-rounds", type=int, default=2, help="alternating 1-process / N-process launches")
-    p.add_argument("--parts", default=",".join(PARTS), help="which measurements to run (default: %(default)s)")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"which measurements to run, of {','.join(PARTS)} (default: %(default)s)")
+    p.add_argument("--shards-text-mb", type=float, default=20, help="shards: MB of text toyaccel-prepare tokenizes")
+    p.add_argument("--shards-gb", default="0.1,1,4", help="shards: GB of tokens the training processes read")
     p.add_argument("--reader-rows", type=int, default=200_000, help="rows of the CSV file the readers read")
     p.add_argument("--reader-repeats", type=int, default=3, help="timed reads per reader")
     p.add_argument("--gpt-batch-size", type=int, default=8, help="GPT: windows per step (default: %(default)s)")
@@ -63,10 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats = args.repeats_large = args.ddp_repeats = args.ddp_rounds = args.startup_repeats = 1
         args.gpt_batch_size, args.gpt_steps, args.gpt_repeats = 4, 3, 1
         args.reader_rows, args.reader_repeats = 5000, 1
+        args.shards_text_mb, args.shards_gb = 1, "0.01,0.05"
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.gpu_large_batch_sizes = [int(b) for b in args.gpu_large_batch_sizes.split(",")]
     args.ddp_batch_sizes = [int(b) for b in args.ddp_batch_sizes.split(",")]
     args.large_hidden = parse_hidden(args.large_hidden)
+    args.shards_gb = [float(g) for g in args.shards_gb.split(",")]
     args.parts = set(args.parts.split(","))
     if not args.parts <= set(PARTS):
         p.error(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got {','.join(sorted(args.parts))}")
@@ -122,6 +130,11 @@ def main(argv=None) -> int:
             print("CSV readers ...", file=sys.stderr, flush=True)
             result["reader"] = reader_result(args, work_dir)
             finished("reader")
+        if "shards" in args.parts:
+            print("token shards: prepare, and training at " + ", ".join(f"{g} GB" for g in args.shards_gb) + " ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            result["shards"] = shard_rows(args, work_dir)
+            finished("shards")
         if "startup" in args.parts:
             print("start-up of scripts/train.py ...", file=sys.stderr, flush=True)
             result["startup"] = time_to_first_step(work_dir, args.startup_repeats, args.timeout)

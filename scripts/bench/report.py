@@ -14,6 +14,7 @@ from bench.common import find, fmt_rate
 from bench.gpt import gpt_table
 from bench.loops import COMPILED, LARGE_PRECISION
 from bench.reader import READER_TARGETS, reader_table
+from bench.shards import shard_table
 
 LOOPS = ("book", "toyaccel", "ceiling")
 # The issues' targets, as ratios, for each device. On a GPU the loop is held to the same ceiling as on CPU,
@@ -164,6 +165,8 @@ def table(result: dict) -> str:
         )
     for gpt in result.get("gpt", {}).values():
         lines += gpt_table(gpt)
+    if result.get("shards"):
+        lines += shard_table(result["shards"])
     lines.append("\ntargets (ratios of this run's medians; in brackets: the same from CPU time):")
     for device in result["devices"]:
         got = result["ratios"][device]

@@ -15,7 +15,10 @@ from toyaccel.engine.evaluation import Leading
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.workload import EvaluateRequest, GenerateRequest, SavedRun
 from toyaccel.errors import ToyaccelError
+from toyaccel.shards import ShardWindows, is_shard_folder
+from toyaccel.workloads.gpt.shard_data import first_tokens, shard_validation_windows
 from toyaccel.workloads.gpt.text import perplexity, read_text, source_text, split_text
+from toyaccel.workloads.gpt.token_ids import encode_compact
 from toyaccel.workloads.gpt.windows import TextWindows
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
@@ -59,13 +62,13 @@ def evaluate(accelerator, model, loader) -> dict[str, Any]:
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": tokens}
 
 
-def start_ids(tokenizer, train: torch.Tensor) -> list[int]:
+def start_ids(tokenizer, train) -> list[int]:
     """The book's start context where the vocabulary has it, else the training text's first tokens."""
     try:
         tokenizer.check_prompt(START_CONTEXT)
         return tokenizer.encode(START_CONTEXT)
     except Exception:  # noqa: BLE001 - a byte vocabulary without these letters
-        return train[:8].tolist()
+        return first_tokens(train, 8)
 
 
 @torch.no_grad()
@@ -122,9 +125,15 @@ def generate_text(run: SavedRun, request: GenerateRequest) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
-def evaluation_set(run: SavedRun, request: EvaluateRequest) -> tuple[TextWindows, dict[str, Any]]:
-    """Every window of a text file (or of the run's own validation text), and the text in words."""
+def evaluation_set(run: SavedRun, request: EvaluateRequest) -> tuple[TextWindows | ShardWindows, dict[str, Any]]:
+    """Every window of a text file (or of the run's own validation text, or a shard folder's validation
+    split, read through the memory map, not tokenized again), and the data in words."""
     options, data = run.saved["config"], request.data
+    context = run.saved["model"]["context_length"]
+    if is_shard_folder(data or options["data"]):
+        windows = shard_validation_windows(data or options["data"], run.saved)
+        what = data or f"the run's validation shards in {options['data']}"
+        return windows, {"data": f"{what} ({len(windows)} windows, {len(windows) * context} tokens)"}
     # A run on a file saves no num_samples (the synthetic text's length): --data synthetic then reads the default.
     num_chars = options.get("num_samples") or WORKLOAD_DEFAULTS["gpt"]["num_samples"]
     if data is None:
@@ -137,8 +146,7 @@ def evaluation_set(run: SavedRun, request: EvaluateRequest) -> tuple[TextWindows
             raise ToyaccelError(f"{run.run_dir} was trained without validation text; pass --data FILE.txt")
     else:
         text, what = source_text(data, num_chars, options["seed"]), data
-    context = run.saved["model"]["context_length"]
-    ids = torch.tensor(run.extras.encode(text), dtype=torch.int64)
+    ids = encode_compact(run.extras, text)
     windows = TextWindows(ids, context, options.get("stride") or context)
     if len(windows) == 0:
         raise ToyaccelError(f"{what} is {ids.numel()} tokens, too short for one window of {context} plus its target")

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from toyaccel.errors import ToyaccelError
 
 
@@ -25,6 +27,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -81,6 +86,9 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch_fast(texts)]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
@@ -116,6 +124,10 @@ class GPT2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.encoding.encode_batch(texts, allowed_special={"<|endoftext|>"})
+        return [np.asarray(i, dtype=np.int32) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads.gpt.text import best_possible_loss, read_text, source_text, split_text
+from toyaccel.workloads.gpt.token_ids import compact, encode_compact
 from toyaccel.workloads.gpt.tokenizers import BPETokenizer, ByteTokenizer, GPT2Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -51,9 +52,9 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None, 
     """The tokenizer and the ids of both texts, computed by the first process and cached for the rest.
     ``given``: a ready tokenizer (an --init-from folder's) used as it is, instead of one trained here."""
     if kind == "bytes":  # nothing to learn and nothing slow: no cache
-        train = torch.frombuffer(bytearray(train_text.encode("utf-8")), dtype=torch.uint8).long()
-        val = torch.frombuffer(bytearray(val_text.encode("utf-8")), dtype=torch.uint8).long() if val_text else None
-        return ByteTokenizer(sorted(set(train.unique().tolist()))), train, val
+        train = torch.frombuffer(bytearray(train_text.encode("utf-8")), dtype=torch.uint8)
+        val = torch.frombuffer(bytearray(val_text.encode("utf-8")), dtype=torch.uint8) if val_text else None
+        return ByteTokenizer(torch.bincount(train, minlength=256).nonzero().flatten().tolist()), train, val
     h = hashlib.sha256(f"{kind}\0{vocab_size}\0{len(train_text)}\0".encode())
     h.update(train_text.encode("utf-8"))
     h.update(b"\0" + (val_text or "").encode("utf-8"))
@@ -72,14 +73,15 @@ def tokenize(kind: str, vocab_size: int, train_text: str, val_text: str | None, 
         raise ToyaccelError(
             f"cannot use the token cache {folder} (set TOYACCEL_CACHE_DIR): {e.strerror or e}"
         ) from None
-    return tokenizer, tokens["train"], tokens.get("val")
+    # A cache written before tokens were kept compactly holds int64.
+    return tokenizer, *(compact(tokens[k], tokenizer.size) if k in tokens else None for k in ("train", "val"))
 
 
 def write_cache(folder: Path, kind: str, vocab_size: int, train_text: str, val_text: str | None, given=None) -> None:
     tokenizer = given or (GPT2Tokenizer() if kind == "gpt2" else BPETokenizer.train(train_text, vocab_size))
-    tokens = {"train": torch.tensor(tokenizer.encode(train_text), dtype=torch.int64)}
+    tokens = {"train": encode_compact(tokenizer, train_text)}
     if val_text:
-        tokens["val"] = torch.tensor(tokenizer.encode(val_text), dtype=torch.int64)
+        tokens["val"] = encode_compact(tokenizer, val_text)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process that died here
     tmp.mkdir(parents=True)
@@ -107,6 +109,10 @@ class TextWindows:
     def __len__(self) -> int:
         return self.starts.numel()
 
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
     def __getitem__(self, index):
         inputs, targets = self.__getitems__([index])
         return inputs[0], targets[0]
@@ -114,7 +120,7 @@ class TextWindows:
     def __getitems__(self, indices):
         # The sampler's indices are already where the tokens are (on a GPU: toyaccel.engine.placement); lists move.
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.starts.device)
-        rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets]
+        rows = self.tokens[self.starts[indices].unsqueeze(1) + self.offsets].long()  # kept compactly, read as int64
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -131,7 +137,8 @@ class TextBundle:
         h = hashlib.sha256(self.tokenizer.to_json().encode())
         for ds in (self.train, self.val):
             if ds is not None:
-                h.update(ds.tokens.numpy().tobytes())
+                for part in ds.tokens.split(1 << 22):  # as int64, as before tokens were kept compactly
+                    h.update(part.long().numpy().tobytes())
                 h.update(f"{ds.context_length}:{ds.starts[1:2].tolist()}".encode())
         return h.hexdigest()[:16]
 

@@ -16,6 +16,7 @@ from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
 from toyaccel.hf_init import check_init_folder, load_init_weights
+from toyaccel.shards import is_shard_folder
 from toyaccel.workloads.gpt import inference
 from toyaccel.workloads.gpt.inference import (
     EVAL_WINDOWS,
@@ -26,6 +27,7 @@ from toyaccel.workloads.gpt.inference import (
     start_ids,
 )
 from toyaccel.workloads.gpt.model import GPT_CONFIG_KEYS, GPTModel, flops_per_token
+from toyaccel.workloads.gpt.shard_data import ShardBundle, load_shard_data
 from toyaccel.workloads.gpt.text import best_possible_loss
 from toyaccel.workloads.gpt.tokenizers import load_tokenizer
 from toyaccel.workloads.gpt.windows import TextBundle, load_text_data
@@ -40,9 +42,12 @@ class GPTWorkload(Workload):
     MODEL_KEYS = GPT_CONFIG_KEYS  # config.json's "model" section: the book's GPT_CONFIG dict
     eval_batch_size = EVAL_WINDOWS
 
-    def load_data(self, config: TrainConfig) -> TextBundle:
+    def load_data(self, config: TrainConfig) -> TextBundle | ShardBundle:
         # An --init-from folder is checked here, before the run writes anything; its tokenizer reads the text.
-        return load_text_data(config, check_init_folder(config) if config.init_from else None)
+        folder_tokenizer = check_init_folder(config) if config.init_from else None
+        if is_shard_folder(config.data):  # tokenized when prepared: its ids are checked against the vocabulary
+            return load_shard_data(config)
+        return load_text_data(config, folder_tokenizer)
 
     def model_shape(self, config: TrainConfig, data: TextBundle | None = None) -> dict[str, Any]:
         """The book's GPT_CONFIG dict."""
@@ -101,8 +106,8 @@ class GPTWorkload(Workload):
         return {
             "model": self.model_shape(config, data),
             "tokenizer": {"type": data.tokenizer.kind, "size": data.tokenizer.size},
-            "data": {"source": data.source, "train_tokens": data.train.tokens.numel(),
-                     "val_tokens": data.val.tokens.numel() if data.val is not None else 0},
+            "data": {"source": data.source, "train_tokens": data.train.num_tokens,
+                     "val_tokens": data.val.num_tokens if data.val is not None else 0},
         }  # fmt: skip
 
     def check_run_description(self, saved: dict[str, Any]) -> None:
@@ -112,9 +117,9 @@ class GPTWorkload(Workload):
         """``data synthetic: bytes tokenizer (256 tokens); train 351 windows of 128 tokens (45000 tokens), ...``"""
         windows = data.train.context_length
         words = f"data {data.source}: {data.tokenizer.kind} tokenizer ({data.tokenizer.size} tokens); "
-        words += f"train {len(data.train)} windows of {windows} tokens ({data.train.tokens.numel()} tokens)"
+        words += f"train {len(data.train)} windows of {windows} tokens ({data.train.num_tokens} tokens)"
         if data.val is not None:
-            words += f", val {len(data.val)} windows ({data.val.tokens.numel()} tokens)"
+            words += f", val {len(data.val)} windows ({data.val.num_tokens} tokens)"
         if data.best_loss is not None:
             words += f"; best possible loss {data.best_loss:.4f} (the text's entropy per token)"
         return words
@@ -133,7 +138,7 @@ class GPTWorkload(Workload):
         # DDP's hooks, and without torch.compile recompiling for every length of the growing sample.
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         net = model if fsdp else accelerator.unwrap_model(model, keep_torch_compile=False)
-        ids = start_ids(data.tokenizer, data.train.tokens)
+        ids = start_ids(data.tokenizer, data.train)
         device = next(net.parameters()).device
         out = generate(net, torch.tensor([ids], device=device), SAMPLE_TOKENS, config.context_length)
         sample = data.tokenizer.decode(out[0].tolist())
