@@ -26,8 +26,8 @@ def test_pieces_cut_only_before_a_space_after_a_non_space_and_join_to_the_text()
 
 def test_ids_encoded_piece_by_piece_are_the_whole_texts_compactly(monkeypatch):
     tokenizer = BPETokenizer.train(TRICKY + synthetic_text(5_000, 3), 300)
-    monkeypatch.setattr("toyaccel.token_ids.ENCODE_PIECE_CHARS", 50)
-    monkeypatch.setattr("toyaccel.token_ids.ENCODE_BATCH", 3)
+    monkeypatch.setattr("toyaccel.workloads.gpt.token_ids.ENCODE_PIECE_CHARS", 50)
+    monkeypatch.setattr("toyaccel.workloads.gpt.token_ids.ENCODE_BATCH", 3)
     ids = encode_compact(tokenizer, TRICKY)
     assert ids.dtype == torch.int16 and ids.tolist() == tokenizer.encode(TRICKY)
     assert ByteTokenizer().size == 256 and encode_compact(ByteTokenizer(), "héllo").dtype == torch.uint8
