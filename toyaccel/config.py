@@ -3,8 +3,8 @@
 Precedence, lowest first: the declared defaults (the book's Appendix A run for --model mlp; per workload
 where they differ) < a YAML/JSON file given with ``--config`` < options on the command line (or keyword
 arguments in Python). toyaccel.options derives from the declarations every table of which option belongs
-to what; it re-exports the small checks (toyaccel.limits, toyaccel.options) that the workloads, data
-and text modules import from here.
+to what; the small checks it re-exports live in toyaccel.limits and toyaccel.options (which the workloads
+import: they sit below this module), the workloads' own constants in their packages.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from toyaccel.options import parse_hidden as parse_hidden
 from toyaccel.options import parse_names as parse_names
 from toyaccel.validation import check_options
 from toyaccel.workloads import get_workload, workload_names
+from toyaccel.workloads.gpt import SYNTHETIC_CHARS, TOKENIZERS
+from toyaccel.workloads.mlp import EVAL_TRAIN_SAMPLE
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EVAL_TRAIN = ("sample", "full")
-EVAL_TRAIN_SAMPLE = 8192  # rows of the fixed training-set sample that --eval-train sample scores
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MODELS = ("mlp", "gpt")
 OPTIMIZERS = ("sgd", "adamw")
-TOKENIZERS = ("bpe", "bytes", "gpt2")
 # The book's GPT_CONFIG_124M (chapter 4); a preset fills the model options the user left unset.
 PRESETS = {
     "gpt2-124m": {
@@ -101,7 +101,8 @@ class TrainConfig:
     )  # fmt: skip
     num_samples: int | None = option(
         None, "'synthetic': number of rows (mlp, default 1000) or characters (gpt, 50000)",
-        section="data", by_workload={MLP: 1000, GPT: 50_000}, identity=True, described=True, data_source="synthetic",
+        section="data", by_workload={MLP: 1000, GPT: SYNTHETIC_CHARS}, identity=True, described=True,
+        data_source="synthetic",
     )  # fmt: skip
     num_features: int | None = option(
         2, "mlp, 'synthetic': number of input features (default: 2)",
@@ -349,7 +350,7 @@ def shape_of_init_folder(chosen: Chosen) -> dict[str, Any]:
     if chosen.given.model != GPT or not isinstance(chosen("init_from"), str):  # validate() names another type
         return {}
     # Imported here: the command line's --help and option errors need no torch start-up.
-    from toyaccel.hf_init import init_from_fills
+    from toyaccel.workloads.gpt.hf_init import init_from_fills
 
     return init_from_fills(chosen.given, chosen("tokenizer"))
 

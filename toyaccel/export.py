@@ -18,7 +18,7 @@ from pathlib import Path
 
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
-from toyaccel.hf_gpt2 import save_hf_gpt2
+from toyaccel.workloads.gpt.hf_gpt2 import save_hf_gpt2
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[str]:

@@ -1,4 +1,5 @@
-"""``toyaccel-prepare SOURCE OUT_DIR``: tokenize a corpus once into memory-mapped shards (toyaccel.shards).
+"""``toyaccel-prepare SOURCE OUT_DIR``: tokenize a corpus once into memory-mapped shards
+(toyaccel.workloads.gpt.shards).
 
 It streams the source (never holding it in memory), tokenizes a batch of blocks at a time through the
 tokenizer's batch encoder (Hugging Face ``tokenizers`` and tiktoken spread a batch over every core),
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from toyaccel.errors import ToyaccelError
-from toyaccel.shards import (
+from toyaccel.workloads.gpt.shards import (
     BATCH_BLOCKS,
     END_OF_TEXT,
     FORMAT,

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toyaccel.config import flag
 from toyaccel.errors import ToyaccelError
-from toyaccel.hf_gpt2 import HF_CONFIG, book_config, load_hf_gpt2, read_hf_config, read_hf_weights
+from toyaccel.options import flag
+from toyaccel.workloads.gpt.hf_gpt2 import HF_CONFIG, book_config, load_hf_gpt2, read_hf_config, read_hf_weights
 from toyaccel.workloads.gpt.tokenizers import BPETokenizer
 
 # The book's name of each shape option and GPT-2's name of the same thing in config.json.
