@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "toyaccel"
 BASE = {"toyaccel.errors", "toyaccel.options", "toyaccel.limits"}  # utilities anyone may import
-TOP = {"toyaccel.runner", "toyaccel.config", "toyaccel.validation", "toyaccel.saved"}
+TOP = {"toyaccel.runner", "toyaccel.config", "toyaccel.default_rules", "toyaccel.validation", "toyaccel.saved"}
 FACES = {"toyaccel", "toyaccel.cli", "toyaccel.inference", "toyaccel.export", "toyaccel.prepare"}
 
 
