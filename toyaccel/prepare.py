@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from toyaccel.cli import _Parser, run_cli
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads.gpt.shards import (
     BATCH_BLOCKS,
@@ -224,8 +225,6 @@ def progress(total: int, wanted: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toyaccel.cli import _Parser, run_cli
-
     parser = _Parser(prog="toyaccel-prepare", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("source", metavar="SOURCE", help="a text file, a folder of .txt/.jsonl files, or JSON Lines")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder of shards (--data OUT_DIR trains from it)")
