@@ -113,6 +113,24 @@ def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 2
     )
 
 
+def start_stalled(
+    cmd: list[str], env: dict[str, str] | None = None, stalls: int = 1, step: int = 5
+) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``cmd`` in its own session, as a terminal or a scheduler starts a job, with TOYACCEL_FAULT=stall:<step>;
+    return once ``stalls`` processes have stalled after that step, with the stderr lines read so far."""
+    env = subprocess_env({"TOYACCEL_FAULT": f"stall:{step}", **(env or {})})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"stalled after step {step}"):
+            stalls -= 1
+            if not stalls:
+                return proc, seen
+    raise AssertionError(f"never stalled:\n{''.join(seen)[-3000:]}")
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     output = f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
@@ -134,6 +152,11 @@ def read_json(path: Path) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def logged(run_dir: Path, *keys: str) -> list[tuple]:
+    """``keys`` of every record of a run's metrics.jsonl (None where a record has no such key)."""
+    return [tuple(record.get(key) for key in keys) for record in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def step_losses(run_dir: Path) -> list[float]:

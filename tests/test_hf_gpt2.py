@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
-from toyaccel.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
+from toyaccel.workloads.gpt.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
 from toyaccel.workloads.gpt.model import GPTModel
 
 transformers = pytest.importorskip("transformers")

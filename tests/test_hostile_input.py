@@ -143,39 +143,38 @@ def tampered(run: Path, folder: Path, edit) -> Path:
     return copy
 
 
+def setting(section: str, **values):
+    """An edit of config.json: ``values`` written into its ``section``."""
+    return lambda saved: saved[section].update(values)
+
+
 # name: (edit of config.json, the message after "error: <run>/config.json: ")
 MLP_TAMPERING = {
-    "negative hidden size": (
-        lambda s: s["model"].update(hidden=[-5]),
-        "model: hidden sizes must be positive integers, got [-5]",
-    ),
+    "negative hidden size": (setting("model", hidden=[-5]), "model: hidden sizes must be positive integers, got [-5]"),
     "hidden size beyond memory": (
-        lambda s: s["model"].update(hidden=[10**11]),
+        setting("model", hidden=[10**11]),
         "model: its weights need at least 4 TB, this machine has {memory} of memory",
     ),
-    "inputs as text": (lambda s: s["model"].update(num_inputs="2"), "model: num_inputs must be int, got '2'"),
-    "one output": (lambda s: s["model"].update(num_outputs=1), "model: num_outputs must be at least 2, got 1"),
-    "short classes": (lambda s: s["data"].update(classes=["a"]), "data: classes has 1 names, the model has 2"),
+    "inputs as text": (setting("model", num_inputs="2"), "model: num_inputs must be int, got '2'"),
+    "one output": (setting("model", num_outputs=1), "model: num_outputs must be at least 2, got 1"),
+    "short classes": (setting("data", classes=["a"]), "data: classes has 1 names, the model has 2"),
     "classes twice": (
-        lambda s: s["data"].update(classes=["a", "a"]),
+        setting("data", classes=["a", "a"]),
         "data: classes must be a list of distinct names, got ['a', 'a']",
     ),
-    "short mean": (lambda s: s["data"].update(mean=[1.0]), "data: mean must be a list of 2 finite numbers, got [1.0]"),
-    "string std": (lambda s: s["data"].update(std="big"), "data: std must be a list of 2 finite numbers, got 'big'"),
-    "zero std": (lambda s: s["data"].update(std=[1.0, 0.0]), "data: std must be positive, got [1.0, 0.0]"),
-    "mean without std": (
-        lambda s: s["data"].update(std=None),
-        "data: mean and std go together: one of them is missing",
-    ),
+    "short mean": (setting("data", mean=[1.0]), "data: mean must be a list of 2 finite numbers, got [1.0]"),
+    "string std": (setting("data", std="big"), "data: std must be a list of 2 finite numbers, got 'big'"),
+    "zero std": (setting("data", std=[1.0, 0.0]), "data: std must be positive, got [1.0, 0.0]"),
+    "mean without std": (setting("data", std=None), "data: mean and std go together: one of them is missing"),
     "top-level list": (lambda s: [1, 2], "not a toyaccel run config (a JSON object with config and model sections)"),
     "config section a list": (lambda s: s.update(config=[]), "config must be a mapping, got list"),
     "no model section": (lambda s: s.pop("model"), "not a toyaccel run config (no model section)"),
     "seed beyond manual_seed": (
-        lambda s: s["config"].update(seed=10**23),
+        setting("config", seed=10**23),
         "config: seed must be in 0..18446744073709551614, got 100000000000000000000000",
     ),
     "lr overflowing": (
-        lambda s: s["config"].update(lr=1e300),
+        setting("config", lr=1e300),
         "config: lr must be at most 3.403e+38 (float32's largest number), got 1e+300",
     ),
 }
@@ -194,23 +193,17 @@ def test_tampered_mlp_config_json_is_one_line_for_evaluate_and_predict(case, mlp
 
 
 GPT_TAMPERING = {
-    "no heads": (lambda s: s["model"].update(n_heads=0), "model: n_heads must be at least 1, got 0"),
-    "heads that do not divide": (
-        lambda s: s["model"].update(n_heads=3),
-        "model: emb_dim (16) must be divisible by n_heads (3)",
-    ),
+    "no heads": (setting("model", n_heads=0), "model: n_heads must be at least 1, got 0"),
+    "heads that do not divide": (setting("model", n_heads=3), "model: emb_dim (16) must be divisible by n_heads (3)"),
     "vocabulary beyond memory": (
-        lambda s: s["model"].update(vocab_size=10**12),
+        setting("model", vocab_size=10**12),
         "model: the model and data need at least 256 TB, this machine has {memory} of memory",
     ),
-    "vocabulary as a float": (
-        lambda s: s["model"].update(vocab_size=1e12),
-        "model: vocab_size must be int, got 1000000000000.0",
-    ),
-    "dropout as text": (lambda s: s["model"].update(drop_rate="0.1"), "model: drop_rate must be float, got '0.1'"),
+    "vocabulary as a float": (setting("model", vocab_size=1e12), "model: vocab_size must be int, got 1000000000000.0"),
+    "dropout as text": (setting("model", drop_rate="0.1"), "model: drop_rate must be float, got '0.1'"),
     "missing context length": (lambda s: s["model"].pop("context_length"), "model: context_length is missing"),
     "unknown tokenizer": (
-        lambda s: s["tokenizer"].update(type="words"),
+        setting("tokenizer", type="words"),
         "tokenizer: type must be one of bpe, bytes, gpt2, got 'words'",
     ),
     "top-level list": (lambda s: [], "not a toyaccel run config (a JSON object with config and model sections)"),

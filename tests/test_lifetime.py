@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    REPO,
     TRAIN_SCRIPT,
     accelerate_launch_cmd,
     assert_weights_close,
     assert_weights_equal,
-    subprocess_env,
+    start_stalled,
     weights,
 )
 
@@ -80,21 +78,6 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return True
-
-
-def start_stalled(cmd: list[str], env: dict[str, str] | None = None, stalls: int = 1) -> tuple[subprocess.Popen, list]:
-    """Start ``cmd`` in its own session and return once ``stalls`` processes have stalled after step 5."""
-    env = subprocess_env({"TOYACCEL_FAULT": "stall:5", **(env or {})})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("stalled after step 5"):
-            stalls -= 1
-            if not stalls:
-                return proc, seen
-    raise AssertionError(f"never stalled:\n{''.join(seen)[-3000:]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from conftest import (
     free_port,
     read_jsonl,
     run_python,
+    start_stalled,
     subprocess_env,
     weights,
 )
@@ -76,17 +77,10 @@ def signalled_mid_epoch(cmd: list[str], sig: int, env: dict[str, str] | None = N
     """Run ``cmd`` in its own session, as a terminal or a scheduler starts a job; when it reports
     (TOYACCEL_FAULT=stall:8) that it has trained step 8 of 12 in epoch 1, send ``sig`` to its whole
     process group, and the same signal again shortly after (a second Ctrl-C, or a scheduler's repeat)."""
-    env = subprocess_env({"TOYACCEL_FAULT": "stall:8", **(env or {})})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("stalled after step 8"):
-            os.killpg(proc.pid, sig)
-            time.sleep(0.2)
-            os.killpg(proc.pid, sig)
-            break
+    proc, seen = start_stalled(cmd, env, step=8)
+    os.killpg(proc.pid, sig)
+    time.sleep(0.2)
+    os.killpg(proc.pid, sig)
     try:
         stdout, stderr = proc.communicate(timeout=240)
     finally:

@@ -143,12 +143,17 @@ def test_grad_accum_one_process_equals_one_big_batch(reference, tmp_path):
     assert step_losses(tmp_path / "run") == pytest.approx(step_losses(reference), abs=1e-6)
 
 
-@pytest.mark.slow
-def test_grad_accum_on_ddp_equals_one_big_batch(ddp_accum_run, reference):
-    results = read_json(ddp_accum_run / "results.json")
+def assert_two_processes_train_as_one(run: Path, reference: Path) -> None:
+    """A run of two CPU processes: the schedule of one big batch, and (to float32's rounding) its weights."""
+    results = read_json(run / "results.json")
     assert (results["world_size"], results["distributed_type"]) == (2, "MULTI_CPU")
     assert (results["global_batch"], results["global_step"]) == (GLOBAL_BATCH, TOTAL_STEPS)
-    assert_weights_close(weights(ddp_accum_run), weights(reference), atol=1e-6)
+    assert_weights_close(weights(run), weights(reference), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_grad_accum_on_ddp_equals_one_big_batch(ddp_accum_run, reference):
+    assert_two_processes_train_as_one(ddp_accum_run, reference)
     assert step_losses(ddp_accum_run) == pytest.approx(step_losses(reference), abs=1e-6)
 
 
@@ -270,10 +275,7 @@ def test_clipping_was_active_in_the_shared_runs(reference, tmp_path):
 
 @pytest.mark.slow
 def test_two_machines_form_one_world_equal_to_one_process(multi_node_run, reference):
-    results = read_json(multi_node_run / "results.json")
-    assert (results["world_size"], results["distributed_type"]) == (2, "MULTI_CPU")
-    assert (results["global_batch"], results["global_step"]) == (GLOBAL_BATCH, TOTAL_STEPS)
-    assert_weights_close(weights(multi_node_run), weights(reference), atol=1e-6)
+    assert_two_processes_train_as_one(multi_node_run, reference)
 
 
 # ---------------------------------------------------------------------------------------------

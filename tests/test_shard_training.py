@@ -19,8 +19,8 @@ from toyaccel.engine.checkpoint import checkpoint_dirs
 from toyaccel.errors import ToyaccelError
 from toyaccel.inference import evaluate_run
 from toyaccel.prepare import prepare
-from toyaccel.shards import ShardWindows, read_manifest, split_shards
 from toyaccel.workloads.gpt.shard_data import ShardBundle
+from toyaccel.workloads.gpt.shards import ShardWindows, read_manifest, split_shards
 from toyaccel.workloads.gpt.text import synthetic_text
 
 TINY = ("--model", "gpt", "--context-length", "16", "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1",

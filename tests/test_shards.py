@@ -14,7 +14,7 @@ from conftest import run_python
 from toyaccel.errors import ToyaccelError
 from toyaccel.prepare import main as prepare_main
 from toyaccel.prepare import prepare
-from toyaccel.shards import ShardWindows, read_manifest, split_shards, verify_shards
+from toyaccel.workloads.gpt.shards import ShardWindows, read_manifest, split_shards, verify_shards
 from toyaccel.workloads.gpt.text import split_text, synthetic_text
 from toyaccel.workloads.gpt.tokenizers import BPETokenizer
 from toyaccel.workloads.gpt.windows import TextWindows

@@ -28,8 +28,8 @@ from conftest import (
     assert_weights_close,
     assert_weights_equal,
     free_port,
+    logged,
     read_json,
-    read_jsonl,
     step_losses,
     subprocess_env,
     weights,
@@ -330,7 +330,7 @@ def test_two_tasks_form_one_world_equal_to_one_process(jobs):
 
 
 def logged_steps(run: Path) -> list[tuple[str, int]]:
-    return [(r["kind"], r["step"]) for r in read_jsonl(run / "metrics.jsonl")]
+    return logged(run, "kind", "step")
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(jobs):

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from conftest import read_json, read_jsonl
 
 from toyaccel import ToyaccelError, fit, load_model
 from toyaccel.engine.workload import Workload
@@ -156,3 +157,33 @@ def test_a_command_a_workload_does_not_give_is_refused_in_one_line(linreg, tmp_p
             call()
         assert str(refused.value) == f"{run} holds a linreg run; {command} needs a --model {wanted} run"
     assert not target.exists()
+
+
+class MeteredRegression(LinearRegression):
+    """The hooks as documented before MFU: throughput and result_metrics with their two and three arguments."""
+
+    name = "metered"
+
+    def throughput(self, samples_per_s, config):
+        return {"rows_per_s": samples_per_s}
+
+    def result_metrics(self, metrics, samples_per_s, config):
+        return {"rows_per_s": samples_per_s}
+
+    def flops_per_sample(self, config):
+        return 2.0 * 3  # a multiply and an add per weight (forward only: a figure for the test, not a model's)
+
+
+def test_a_workload_with_the_documented_hook_signatures_reports_its_figures(tmp_path):
+    workload = register_workload(MeteredRegression())
+    try:
+        result = fit(model="metered", epochs=3, batch_size=32, output_dir=str(tmp_path / "run"), progress=False,
+                     plot=False)  # fmt: skip
+    finally:
+        WORKLOADS.pop(workload.name)
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps and all(r["rows_per_s"] == r["samples_per_s"] > 0 for r in steps)
+    results = read_json(tmp_path / "run" / "results.json")
+    assert results["rows_per_s"] == result.metrics["rows_per_s"] > 0
+    # A CPU has no known peak: no MFU is claimed, whatever the FLOPs per sample.
+    assert "mfu" not in results and all("mfu" not in r for r in steps)

@@ -3,18 +3,18 @@
 Precedence, lowest first: the declared defaults (the book's Appendix A run for --model mlp; per workload
 where they differ) < a YAML/JSON file given with ``--config`` < options on the command line (or keyword
 arguments in Python). toyaccel.options derives from the declarations every table of which option belongs
-to what; it re-exports the small checks (toyaccel.limits, toyaccel.options) that the workloads, data
-and text modules import from here.
+to what; the small checks it re-exports live in toyaccel.limits and toyaccel.options (which the workloads
+import: they sit below this module), the workloads' own constants in their packages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toyaccel.default_rules import DEFAULT_RULES, Chosen
 from toyaccel.engine.files import require_regular_file as require_regular_file
 from toyaccel.errors import ToyaccelError
 from toyaccel.limits import check_fits as check_fits
@@ -41,21 +41,14 @@ from toyaccel.options import parse_hidden as parse_hidden
 from toyaccel.options import parse_names as parse_names
 from toyaccel.validation import check_options
 from toyaccel.workloads import get_workload, workload_names
+from toyaccel.workloads.gpt import PRESETS, SYNTHETIC_CHARS, TOKENIZERS
+from toyaccel.workloads.mlp import EVAL_TRAIN_SAMPLE
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EVAL_TRAIN = ("sample", "full")
-EVAL_TRAIN_SAMPLE = 8192  # rows of the fixed training-set sample that --eval-train sample scores
 MIXED_PRECISION = ("no", "bf16", "fp16")
 MODELS = ("mlp", "gpt")
 OPTIMIZERS = ("sgd", "adamw")
-TOKENIZERS = ("bpe", "bytes", "gpt2")
-# The book's GPT_CONFIG_124M (chapter 4); a preset fills the model options the user left unset.
-PRESETS = {
-    "gpt2-124m": {
-        "vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
-        "drop_rate": 0.1, "qkv_bias": False,
-    },
-}  # fmt: skip
 DATA_PLACEMENTS = ("auto", "device", "host")
 MLP, GPT = MODELS
 
@@ -103,7 +96,8 @@ class TrainConfig:
     )  # fmt: skip
     num_samples: int | None = option(
         None, "'synthetic': number of rows (mlp, default 1000) or characters (gpt, 50000)",
-        section="data", by_workload={MLP: 1000, GPT: 50_000}, identity=True, described=True, data_source="synthetic",
+        section="data", by_workload={MLP: 1000, GPT: SYNTHETIC_CHARS}, identity=True, described=True,
+        data_source="synthetic",
     )  # fmt: skip
     num_features: int | None = option(
         2, "mlp, 'synthetic': number of input features (default: 2)",
@@ -309,80 +303,6 @@ class TrainConfig:
         unset_again = {name: None for name in self.defaulted if name not in changes}
         return dataclasses.replace(self, **unset_again, **changes)
 
-
-class Chosen:
-    """An option's value as the default rules see it: given, or its default so far. ``given``: the options
-    as given (None where not)."""
-
-    def __init__(self, given: TrainConfig, fills: dict[str, Any]):
-        self.given, self.fills = given, fills
-
-    def __call__(self, name: str) -> Any:
-        return getattr(self.given, name) or self.fills.get(name)
-
-
-# The defaults that depend on other options, each a function of ``chosen`` (an option's value: given, or
-# its default so far), applied in this order after the declared defaults. Only options of the run's
-# workload are filled: the GPT's rules do nothing for the MLP.
-def no_split_beside_val_data(chosen: Chosen) -> dict[str, Any]:
-    """Given a validation set, no fraction of the training data is held out."""
-    return {"val_fraction": 0.0} if chosen("val_data") else {}
-
-
-def weight_decay_by_optimizer(chosen: Chosen) -> dict[str, Any]:
-    """AdamW decays the weights by 0.1 as the book's chapter 5 does; SGD (Appendix A) not at all."""
-    return {"weight_decay": 0.1 if chosen("optimizer") == "adamw" else 0.0}
-
-
-def tokenizer_by_data(chosen: Chosen) -> dict[str, Any]:
-    """The synthetic text's entropy is known per character, so it is read byte by byte."""
-    return {"tokenizer": "bytes" if chosen("data") == "synthetic" else "bpe"}
-
-
-def vocab_size_by_tokenizer(chosen: Chosen) -> dict[str, Any]:
-    """A fixed tokenizer's own vocabulary; the BPE learns up to the declared default."""
-    size = {"bytes": 256, "gpt2": 50257}.get(chosen("tokenizer"))
-    return {} if size is None else {"vocab_size": size}
-
-
-def shard_folder_decides(chosen: Chosen) -> dict[str, Any]:
-    """A folder of token shards decides its tokenizer, vocabulary and split (after the defaults by data and
-    tokenizer, which it overrides; before the preset's shape)."""
-    data = chosen("data")
-    if not (isinstance(data, str) and os.path.isdir(data)):
-        return {}
-    # Imported here: the command line's --help and option errors need no torch start-up.
-    from toyaccel.shards import shard_defaults
-
-    return shard_defaults(data)
-
-
-def preset_shape(chosen: Chosen) -> dict[str, Any]:
-    """--preset fills the model options not given (after the tokenizer's vocabulary: it names its own)."""
-    return PRESETS.get(chosen("preset"), {})
-
-
-def shape_of_init_folder(chosen: Chosen) -> dict[str, Any]:
-    """--init-from's folder fixes the model's shape (and its tokenizer, where it has one): after the preset's
-    and the tokenizer's, and checked against the options given."""
-    if chosen.given.model != GPT or not isinstance(chosen("init_from"), str):  # validate() names another type
-        return {}
-    # Imported here: the command line's --help and option errors need no torch start-up.
-    from toyaccel.hf_init import init_from_fills
-
-    return init_from_fills(chosen.given, chosen("tokenizer"))
-
-
-def stride_is_context_length(chosen: Chosen) -> dict[str, Any]:
-    """Windows side by side, as the book's create_dataloader_v1 makes them."""
-    return {"stride": chosen("context_length")}
-
-
-DEFAULT_RULES = (
-    no_split_beside_val_data, weight_decay_by_optimizer, tokenizer_by_data, vocab_size_by_tokenizer,
-    shard_folder_decides, preset_shape,
-    shape_of_init_folder, stride_is_context_length,
-)  # fmt: skip
 
 # Every table of which option belongs to what, derived from the declarations above.
 OPTIONS = {f.name: f for f in declared(TrainConfig)}

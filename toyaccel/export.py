@@ -16,15 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from toyaccel.cli import _Parser, run_cli
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.errors import ToyaccelError
-from toyaccel.hf_gpt2 import save_hf_gpt2
+from toyaccel.inference import load_gpt_run
+from toyaccel.workloads.gpt.hf_gpt2 import save_hf_gpt2
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[str]:
     """Write ``out_dir``; return the names of the files written."""
-    from toyaccel.inference import load_gpt_run
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ToyaccelError(f"{out} exists and is not a directory")
@@ -47,8 +47,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toyaccel.cli import _Parser, run_cli
-
     parser = _Parser(prog="toyaccel-export", description="Write a --model gpt run as a Hugging Face GPT-2 folder")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a --model gpt run")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder GPT2LMHeadModel.from_pretrained will read")

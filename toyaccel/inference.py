@@ -10,6 +10,7 @@ refuses a command its workload does not give, runs ``evaluate_run`` under ``acce
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from toyaccel.engine.launch import launched_world_size
 from toyaccel.engine.run_dir import write_atomic
 from toyaccel.engine.workload import EvaluateRequest, GenerateRequest, SavedRun, Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.saved import model_from_run, read_run_config
+from toyaccel.saved import model_from_run, read_run_config, saved_config
 from toyaccel.workloads import get_workload, workload_names, workload_of_run
 from toyaccel.workloads.gpt.inference import SAMPLE_TOKENS, START_CONTEXT
 
@@ -43,7 +44,8 @@ def read_run(run_dir: str | Path, command: str, fits: Callable[[Workload], bool]
 def load_run(run_dir: str | Path, workload: Workload, saved: dict[str, Any]) -> SavedRun:
     """The run's model with its saved weights, and what its workload saved beside them."""
     model = model_from_run(run_dir, saved)
-    return SavedRun(str(run_dir), model, saved, workload.load_extras(str(run_dir), saved))
+    extras = workload.load_extras(str(run_dir), saved)
+    return SavedRun(str(run_dir), model, saved, extras, functools.partial(saved_config, saved))
 
 
 def load_gpt_run(run_dir: str | Path):

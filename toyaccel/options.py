@@ -24,7 +24,7 @@ from toyaccel.errors import ToyaccelError
 # --help groups and --config file sections, in this order.
 SECTION_NAMES = ("data", "model", "optimizer", "run")
 ALL_WORKLOADS = "all"
-# A default that a named rule (toyaccel.config's DEFAULT_RULES) computes from other options.
+# A default that a named rule (toyaccel.default_rules' DEFAULT_RULES) computes from other options.
 BY_RULE = "by rule"
 # torch.manual_seed takes 0..2**64-1, and the synthetic text seeds a second generator with seed + 1.
 MAX_SEED = 2**64 - 2

@@ -1,4 +1,5 @@
-"""``toyaccel-prepare SOURCE OUT_DIR``: tokenize a corpus once into memory-mapped shards (toyaccel.shards).
+"""``toyaccel-prepare SOURCE OUT_DIR``: tokenize a corpus once into memory-mapped shards
+(toyaccel.workloads.gpt.shards).
 
 It streams the source (never holding it in memory), tokenizes a batch of blocks at a time through the
 tokenizer's batch encoder (Hugging Face ``tokenizers`` and tiktoken spread a batch over every core),
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from toyaccel.cli import _Parser, run_cli
 from toyaccel.errors import ToyaccelError
-from toyaccel.shards import (
+from toyaccel.workloads.gpt.shards import (
     BATCH_BLOCKS,
     END_OF_TEXT,
     FORMAT,
@@ -213,8 +215,6 @@ def progress(total: int, wanted: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toyaccel.cli import _Parser, run_cli
-
     parser = _Parser(prog="toyaccel-prepare", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("source", metavar="SOURCE", help="a text file, a folder of .txt/.jsonl files, or JSON Lines")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder of shards (--data OUT_DIR trains from it)")

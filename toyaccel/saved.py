@@ -26,10 +26,27 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     except ToyaccelError as e:
         raise ToyaccelError(f"{path}: config: {e}") from None
     try:
-        get_workload(workload_of_run(saved)).check_run_description(saved)
+        workload = get_workload(workload_of_run(saved))
+        workload.check_run_description(saved)
+        check_shape_as_options(workload.saved_shape_options(saved))
     except ToyaccelError as e:
         raise ToyaccelError(f"{path}: {e}") from None
     return saved
+
+
+def check_shape_as_options(options: dict[str, Any] | None) -> None:
+    if options is None:
+        return
+    try:
+        build_config(None, **options)
+    except ToyaccelError as e:
+        raise ToyaccelError(f"model: {e}") from None
+
+
+def saved_config(saved: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The training options a run's config.json ``saved`` holds, as a TrainConfig, ``overrides`` applied."""
+    options = {k: v for k, v in saved.get("config", {}).items() if k in TrainConfig.TRAINING_FIELDS}
+    return build_config(None, **{**options, **overrides})
 
 
 def load_model(run_dir: str | Path) -> torch.nn.Module:

@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.common import REPO
 from toyaccel.prepare import prepare
-from toyaccel.shards import FORMAT, MANIFEST, token_dtype, write_json_atomic
+from toyaccel.workloads.gpt.shards import FORMAT, MANIFEST, token_dtype, write_json_atomic
 
 VOCAB = 1024
 SHARD_TOKENS = 100_000_000  # toyaccel-prepare's default shard

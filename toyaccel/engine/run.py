@@ -122,7 +122,7 @@ def run(trainer: Trainer, hold: FolderHold) -> RunResult:
     metrics, final_loss, samples_per_s = train_epochs(trainer)
     run_files()
     result = RunResult(
-        metrics=job.workload.result_metrics(metrics, samples_per_s, config, peak_flops=trainer.peak_flops),
+        metrics={**job.workload.result_metrics(metrics, samples_per_s, config), **trainer.utilization(samples_per_s)},
         train_loss=metrics["train"]["loss"],
         val_loss=metrics["val"]["loss"] if "val" in metrics else None,
         final_loss=final_loss if final_loss is not None else last_logged_loss(logger.history),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from toyaccel.engine.files import require_regular_file
+from toyaccel.engine.files import read_json_object, require_regular_file
 from toyaccel.errors import ToyaccelError
 
 # Everything toyaccel writes into an output directory; --overwrite removes these and nothing else.
@@ -167,14 +167,11 @@ def read_config_json(run_dir: str | Path) -> dict[str, Any]:
     mappings (what the sections hold is its reader's to check). Any problem is one line naming the file."""
     path = Path(run_dir) / "config.json"
     require_regular_file(path)
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ToyaccelError(f"{path}: no such file (is {run_dir} a toyaccel run directory?)") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise ToyaccelError(f"{path}: not a toyaccel run config ({type(e).__name__}: {e})") from None
-    if not isinstance(saved, dict):
-        raise ToyaccelError(f"{path}: not a toyaccel run config (a JSON object with config and model sections)")
+    saved = read_json_object(
+        path, f"no such file (is {run_dir} a toyaccel run directory?)",
+        lambda e: f"not a toyaccel run config ({type(e).__name__}: {e})",
+        "not a toyaccel run config (a JSON object with config and model sections)",
+    )  # fmt: skip
     for section in ("config", "model"):
         if not isinstance(saved.get(section, {}), dict):
             raise ToyaccelError(f"{path}: {section} must be a mapping, got {type(saved[section]).__name__}")

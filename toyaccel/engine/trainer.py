@@ -77,7 +77,14 @@ class Trainer:
         self.placement = None
         self.logger: MetricsLogger | None = None
         self.on_first_step: Callable[[], None] | None = None  # called once this run's first step is done
-        self.peak_flops = world_bf16_peak(accelerator)  # what the workload's MFU is taken against
+        self.peak_flops = world_bf16_peak(accelerator)  # what the MFU is taken against (None: claim none)
+        self.sample_flops = job.workload.flops_per_sample(self.config)
+
+    def utilization(self, samples_per_s: float) -> dict[str, float]:
+        """The MFU, where both the workload's FLOPs per sample and the device's peak are known."""
+        if not (self.sample_flops and self.peak_flops):
+            return {}
+        return {"mfu": samples_per_s * self.sample_flops / self.peak_flops}
 
     def place_data(self):
         """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""
@@ -236,7 +243,8 @@ class Trainer:
         self.logger.log({
             "kind": "step", "epoch": self.state.epoch + 1, "step": self.state.global_step, "loss": loss, "lr": lr,
             "samples_per_s": samples_per_s,
-            **self.job.workload.throughput(samples_per_s, config, peak_flops=self.peak_flops),
+            **self.job.workload.throughput(samples_per_s, config),
+            **self.utilization(samples_per_s),
         })  # fmt: skip
         window.restart()
         return loss

@@ -10,6 +10,7 @@ Imports nothing heavy: the registry, and with it the command line's option error
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ class SavedRun:
     model: torch.nn.Module  # the saved weights loaded, in eval mode
     saved: dict[str, Any]  # its config.json, checked (toyaccel.saved.read_run_config)
     extras: Any = None  # what the workload's load_extras read beside the weights (a tokenizer)
+    # The run's saved training options as its TrainConfig, keyword overrides applied: the top layer's
+    # (toyaccel.saved.saved_config), handed down so that a workload imports nothing above it.
+    rebuild_config: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,18 +110,19 @@ class Workload(abc.ABC):
         """What an epoch's log line and metrics.jsonl record carry from the evaluation."""
         return {f"{name}_loss": m["loss"] for name, m in metrics.items()}
 
-    def result_metrics(
-        self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config, peak_flops: float | None = None
-    ) -> dict[str, Any]:
-        """The workload's own figures in results.json (and RunResult.metrics), beside the losses.
-        ``peak_flops``: as for ``throughput``."""
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config) -> dict[str, Any]:
+        """The workload's own figures in results.json (and RunResult.metrics), beside the losses."""
         return {}
 
-    def throughput(self, samples_per_s: float, config, peak_flops: float | None = None) -> dict[str, float]:
-        """What a step's log line adds to samples/s (a language model's tokens/s, and its MFU). ``peak_flops``:
-        the dense bf16 peak FLOP/s of all the run's devices together, None where the device is not a known
-        GPU (then no MFU is claimed)."""
+    def throughput(self, samples_per_s: float, config) -> dict[str, float]:
+        """What a step's log line adds to samples/s (a language model's tokens/s)."""
         return {}
+
+    def flops_per_sample(self, config) -> float | None:
+        """The model FLOPs one training sample costs, forward and backward; None (the default) where not
+        counted. Where it is, and the device is a known GPU, the engine adds ``mfu`` (samples/s x this over
+        the world's dense bf16 peak) to the step records, metrics.jsonl and results.json."""
+        return None
 
     def describe_data(self, data) -> str:
         """The data as read, for the start-up line."""
@@ -134,6 +139,12 @@ class Workload(abc.ABC):
         missing = [key for key in self.MODEL_KEYS if key not in saved["model"]]
         if missing:
             raise ToyaccelError(f"model: {missing[0]} is missing")
+
+    def saved_shape_options(self, saved: dict[str, Any]) -> dict[str, Any] | None:
+        """Training options that check a saved config.json's sections (after ``check_run_description``) as
+        the same options given to a run are checked: the top layer validates them (its errors start
+        "model: "). None, by default: no such check."""
+        return None
 
     def save_extras(self, output_dir: str, data) -> None:  # noqa: B027 - optional: most workloads save none
         """Files beside the weights that loading the model needs (a tokenizer); none by default."""

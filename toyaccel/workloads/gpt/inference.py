@@ -3,23 +3,27 @@ part of toyaccel-evaluate and toyaccel-generate (toyaccel.inference is the shell
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from toyaccel.config import WORKLOAD_DEFAULTS, TrainConfig, check_seed
 from toyaccel.engine.batches import data_loader as _loader
 from toyaccel.engine.evaluation import Leading
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.workload import EvaluateRequest, GenerateRequest, SavedRun
 from toyaccel.errors import ToyaccelError
-from toyaccel.shards import ShardWindows, is_shard_folder
+from toyaccel.options import check_seed
+from toyaccel.workloads.gpt import SYNTHETIC_CHARS
 from toyaccel.workloads.gpt.shard_data import first_tokens, shard_validation_windows
+from toyaccel.workloads.gpt.shards import ShardWindows, is_shard_folder
 from toyaccel.workloads.gpt.text import perplexity, read_text, source_text, split_text
 from toyaccel.workloads.gpt.token_ids import encode_compact
 from toyaccel.workloads.gpt.windows import TextWindows
+
+if TYPE_CHECKING:
+    from toyaccel.config import TrainConfig
 
 # Chapter 5 prints a greedy continuation of this after every epoch.
 START_CONTEXT = "Every effort moves you"
@@ -135,7 +139,7 @@ def evaluation_set(run: SavedRun, request: EvaluateRequest) -> tuple[TextWindows
         what = data or f"the run's validation shards in {options['data']}"
         return windows, {"data": f"{what} ({len(windows)} windows, {len(windows) * context} tokens)"}
     # A run on a file saves no num_samples (the synthetic text's length): --data synthetic then reads the default.
-    num_chars = options.get("num_samples") or WORKLOAD_DEFAULTS["gpt"]["num_samples"]
+    num_chars = options.get("num_samples") or SYNTHETIC_CHARS
     if data is None:
         if options.get("val_data"):
             text, what = read_text(options["val_data"]), options["val_data"]

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from toyaccel.errors import ToyaccelError
-from toyaccel.shards import MANIFEST, ShardWindows, manifest_fingerprint, read_manifest, split_shards, verify_shards
+from toyaccel.workloads.gpt.shards import (
+    MANIFEST,
+    ShardWindows,
+    manifest_fingerprint,
+    read_manifest,
+    split_shards,
+    verify_shards,
+)
 from toyaccel.workloads.gpt.tokenizers import BPETokenizer, ByteTokenizer, GPT2Tokenizer
 
 

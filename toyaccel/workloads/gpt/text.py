@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from toyaccel.config import in_bytes, machine_memory, require_regular_file
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.limits import in_bytes, machine_memory
 
 # The synthetic text's alphabet: a first-order Markov chain over these characters.
 SYNTHETIC_ALPHABET = "abcdefghijklmno "

@@ -60,7 +60,7 @@ class BPETokenizer:
 
     @classmethod
     def train_from_lines(cls, lines, vocab_size: int, special_tokens: tuple[str, ...] = ()) -> BPETokenizer:
-        """Trained from any iterable of text (a corpus streamed from disk: toyaccel.shards)."""
+        """Trained from any iterable of text (a corpus streamed from disk: toyaccel.workloads.gpt.shards)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tokenizer = Tokenizer(models.BPE())

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyaccel.config import check_fits, require_regular_file
+from toyaccel.engine.files import require_regular_file
 from toyaccel.errors import ToyaccelError
+from toyaccel.limits import check_fits
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 

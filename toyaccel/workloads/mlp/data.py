@@ -6,14 +6,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
 
-from toyaccel.config import TrainConfig
 from toyaccel.errors import ToyaccelError
 from toyaccel.workloads.mlp.classes import class_indices, index_classes, training_classes
 from toyaccel.workloads.mlp.csv_reader import columns_present, read_table
+
+if TYPE_CHECKING:
+    from toyaccel.config import TrainConfig
 
 # The book's Appendix A data (listing A.9.2).
 TOY_X_TRAIN = [[-1.2, 3.1], [-0.9, 2.9], [-0.5, 2.6], [2.3, -1.1], [2.7, -1.5]]

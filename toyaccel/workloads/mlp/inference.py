@@ -10,12 +10,11 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import TrainConfig, build_config
 from toyaccel.engine.batches import eval_batches
 from toyaccel.engine.placement import choose_placement
 from toyaccel.engine.workload import EvaluateRequest, SavedRun
@@ -24,6 +23,9 @@ from toyaccel.workloads.mlp.classes import Classes, class_indices, saved_classes
 from toyaccel.workloads.mlp.csv_reader import columns_present, read_table
 from toyaccel.workloads.mlp.data import TOY_X_TEST, TOY_Y_TEST, ToyDataset, apply_standardization, load_data
 from toyaccel.workloads.mlp.model import NeuralNetwork
+
+if TYPE_CHECKING:
+    from toyaccel.config import TrainConfig
 
 # Scoring is a forward pass only: large batches amortise each layer's per-call cost (a 16k-row validation set:
 # ~4 ms at 4096 rows a batch against ~10 ms at 256, on one CPU thread), and activations stay small.
@@ -68,7 +70,7 @@ class ClassifierRun(SavedRun):
 
 def evaluation_set(run: SavedRun, request: EvaluateRequest) -> tuple[ToyDataset, dict[str, Any]]:
     """toyaccel-evaluate's rows and what its figures are reported with: the rows in words and the class names."""
-    run = ClassifierRun(run.run_dir, run.model, run.saved, run.extras)
+    run = ClassifierRun(**vars(run))
     dataset, description = evaluation_data(run, request.data, request.label_column, request.ignore_columns)
     return dataset, {"data": description, "classes": run.classes.names}
 
@@ -107,8 +109,7 @@ def evaluation_data(
 
 def run_validation_set(run: ClassifierRun) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild the run's validation rows from its saved options, unscaled (the saved scaling is applied after)."""
-    options = {k: v for k, v in run.saved.get("config", {}).items() if k in TrainConfig.TRAINING_FIELDS}
-    config = build_config(None, **{**options, "standardize": False})
+    config = run.rebuild_config(standardize=False)
     saved = Path(run.run_dir) / "config.json"
     for path in (config.data, config.val_data):
         if path and path not in ("toy", "synthetic") and not Path(path).exists():
@@ -216,7 +217,7 @@ def format_evaluation(metrics: dict[str, Any]) -> str:
 def predict(run: SavedRun, data: str, ignore_columns: tuple[str, ...] | None) -> tuple[str, int]:
     """predictions.csv's text for every data row of ``data`` (the ignored columns (ids), ``predicted`` and one
     ``prob_<class>`` per class) and the row count."""
-    run = ClassifierRun(run.run_dir, run.model, run.saved, run.extras)
+    run = ClassifierRun(**vars(run))
     features, kept = prediction_features(run, data, ignore_columns)
     probabilities = class_probabilities(run.model, features)
     return predictions_csv(probabilities, run.classes.names, kept), probabilities.shape[0]

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from toyaccel.config import EVAL_TRAIN_SAMPLE, TrainConfig, check_count, check_fits, mlp_parameters, parse_hidden
 from toyaccel.engine.evaluation import eval_count
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import ToyaccelError
-from toyaccel.workloads.mlp import inference
+from toyaccel.limits import check_fits, mlp_parameters
+from toyaccel.options import check_count, parse_hidden
+from toyaccel.workloads.mlp import EVAL_TRAIN_SAMPLE, inference
 from toyaccel.workloads.mlp.data import DataBundle, ToyDataset, load_data, training_sample
 from toyaccel.workloads.mlp.inference import EVAL_BATCH_SIZE, evaluate
 from toyaccel.workloads.mlp.model import NeuralNetwork
+
+if TYPE_CHECKING:
+    from toyaccel.config import TrainConfig
 
 
 class MLPWorkload(Workload):
@@ -54,8 +58,7 @@ class MLPWorkload(Workload):
             record[f"{name}_loss"], record[f"{name}_acc"] = m["loss"], m["accuracy"]
         return record
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig,
-                       peak_flops: float | None = None):  # fmt: skip
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
         return {
             "train_accuracy": metrics["train"]["accuracy"],
             "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else None,

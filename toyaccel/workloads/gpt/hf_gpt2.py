@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from toyaccel.engine.files import read_json_object
 from toyaccel.errors import ToyaccelError
 
 # The book's LayerNorm has eps 1e-5 and its GELU is the tanh approximation: a GPT-2 folder that says
@@ -31,14 +32,10 @@ HF_CONFIG = "config.json"
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     """config.json of a GPT-2 folder, checked to be one GPTModel can hold; one line naming the file otherwise."""
     path = Path(folder) / HF_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ToyaccelError(f"{path}: no such file (--init-from takes a folder written by save_pretrained)") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ToyaccelError(f"{path}: not a JSON config ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise ToyaccelError(f"{path}: not a JSON object")
+    config = read_json_object(
+        path, "no such file (--init-from takes a folder written by save_pretrained)",
+        lambda e: f"not a JSON config ({type(e).__name__})", "not a JSON object",
+    )  # fmt: skip
     if config.get("model_type") != "gpt2":
         raise ToyaccelError(f"{path}: model_type is {config.get('model_type')!r}, not 'gpt2'")
     problems = []
@@ -119,6 +116,17 @@ def read_hf_weights(folder: str | Path, cfg: dict[str, Any], tied: bool, load: b
     return tensors
 
 
+# A block's tensors that both models hold alike, in block i (trf_blocks.i. / transformer.h.i.): the book's
+# key, GPT-2's, and whether GPT-2 (its Conv1D layers: in x out) holds the book's nn.Linear weight transposed.
+SAME_IN_BOTH = (
+    ("att.out_proj.weight", "attn.c_proj.weight", True), ("att.out_proj.bias", "attn.c_proj.bias", False),
+    ("ff.layers.0.weight", "mlp.c_fc.weight", True), ("ff.layers.0.bias", "mlp.c_fc.bias", False),
+    ("ff.layers.2.weight", "mlp.c_proj.weight", True), ("ff.layers.2.bias", "mlp.c_proj.bias", False),
+    ("norm1.scale", "ln_1.weight", False), ("norm1.shift", "ln_1.bias", False),
+    ("norm2.scale", "ln_2.weight", False), ("norm2.shift", "ln_2.bias", False),
+)  # fmt: skip
+
+
 def hf_to_book(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """GPT-2's tensors under the book's GPTModel keys (chapter 5's load_weights_into_gpt)."""
     emb = cfg["emb_dim"]
@@ -129,14 +137,8 @@ def hf_to_book(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, to
         for k, name in enumerate(("W_query", "W_key", "W_value")):
             book[b + f"att.{name}.weight"] = qkv_w[:, k * emb : (k + 1) * emb].T
             book[b + f"att.{name}.bias"] = qkv_b[k * emb : (k + 1) * emb]
-        book[b + "att.out_proj.weight"] = hf[h + "attn.c_proj.weight"].T
-        book[b + "att.out_proj.bias"] = hf[h + "attn.c_proj.bias"]
-        book[b + "ff.layers.0.weight"] = hf[h + "mlp.c_fc.weight"].T
-        book[b + "ff.layers.0.bias"] = hf[h + "mlp.c_fc.bias"]
-        book[b + "ff.layers.2.weight"] = hf[h + "mlp.c_proj.weight"].T
-        book[b + "ff.layers.2.bias"] = hf[h + "mlp.c_proj.bias"]
-        for norm, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            book[b + f"{norm}.scale"], book[b + f"{norm}.shift"] = hf[h + f"{ln}.weight"], hf[h + f"{ln}.bias"]
+        for book_key, hf_key, transposed in SAME_IN_BOTH:
+            book[b + book_key] = hf[h + hf_key].T if transposed else hf[h + hf_key]
     book["final_norm.scale"], book["final_norm.shift"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
     book["out_head.weight"] = hf.get("lm_head.weight", hf["transformer.wte.weight"])
     return {k: v.contiguous() for k, v in book.items()}
@@ -154,14 +156,8 @@ def book_to_hf(book: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, 
         biases = [book.get(b + f"att.{n}.bias") for n in names]
         zeros = book[b + "att.out_proj.bias"].new_zeros(emb)
         hf[h + "attn.c_attn.bias"] = torch.cat([zeros if x is None else x for x in biases])
-        hf[h + "attn.c_proj.weight"] = book[b + "att.out_proj.weight"].T
-        hf[h + "attn.c_proj.bias"] = book[b + "att.out_proj.bias"]
-        hf[h + "mlp.c_fc.weight"] = book[b + "ff.layers.0.weight"].T
-        hf[h + "mlp.c_fc.bias"] = book[b + "ff.layers.0.bias"]
-        hf[h + "mlp.c_proj.weight"] = book[b + "ff.layers.2.weight"].T
-        hf[h + "mlp.c_proj.bias"] = book[b + "ff.layers.2.bias"]
-        for norm, ln in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            hf[h + f"{ln}.weight"], hf[h + f"{ln}.bias"] = book[b + f"{norm}.scale"], book[b + f"{norm}.shift"]
+        for book_key, hf_key, transposed in SAME_IN_BOTH:
+            hf[h + hf_key] = book[b + book_key].T if transposed else book[b + book_key]
     hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = book["final_norm.scale"], book["final_norm.shift"]
     hf["lm_head.weight"] = book["out_head.weight"]
     return {k: v.detach().float().contiguous().clone() for k, v in hf.items()}

@@ -12,16 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toyaccel.config import flag
 from toyaccel.errors import ToyaccelError
-from toyaccel.hf_gpt2 import HF_CONFIG, book_config, load_hf_gpt2, read_hf_config, read_hf_weights
+from toyaccel.options import flag
+from toyaccel.workloads.gpt import TOKENIZER_SIZES
+from toyaccel.workloads.gpt.hf_gpt2 import HF_CONFIG, book_config, load_hf_gpt2, read_hf_config, read_hf_weights
 from toyaccel.workloads.gpt.tokenizers import BPETokenizer
 
 # The book's name of each shape option and GPT-2's name of the same thing in config.json.
 HF_NAMES = {"vocab_size": "vocab_size", "context_length": "n_positions", "emb_dim": "n_embd", "n_heads": "n_head",
             "n_layers": "n_layer", "qkv_bias": "c_attn's biases"}  # fmt: skip
-# The vocabulary each --tokenizer gives, where it is fixed (bpe learns at most vocab_size tokens).
-TOKENIZER_SIZES = {"bytes": 256, "gpt2": 50257}
 
 
 def tokenizer_files(folder: str | Path) -> list[Path] | None:
