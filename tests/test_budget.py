@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,13 @@ def test_two_processes_evaluate_the_gpts_first_windows_as_one(tmp_path):
     for a, b in zip(one, two, strict=True):
         for key in ("train_loss", "val_loss"):
             assert b[key] == pytest.approx(a[key], abs=1e-6)
+
+
+def test_a_run_evaluated_every_k_steps_plots_its_figures_by_step_without_a_warning(tmp_path):
+    """Its epoch records carry no figures: the accuracy panel plots the every-K-steps evaluations, and an
+    empty legend (matplotlib's "No artists with labels" warning on every such run) is not drawn."""
+    pytest.importorskip("matplotlib")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="No artists with labels")
+        fit(max_steps=6, eval_every_steps=2, output_dir=str(tmp_path / "run"), progress=False)
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
