@@ -10,7 +10,7 @@ import torch
 from toyaccel import fit
 from toyaccel.config import build_config
 from toyaccel.engine.budget import Budget
-from toyaccel.engine.placement import dense_bf16_peak, peak_of_gpu
+from toyaccel.engine.placement import dense_bf16_peak, peak_of_gpu, utilization
 from toyaccel.engine.reporting import format_record
 from toyaccel.workloads import get_workload
 from toyaccel.workloads.gpt.model import GPTModel, flops_per_token
@@ -45,15 +45,15 @@ def test_the_peak_is_the_known_gpus_dense_bf16_figure(name, tflops):
 def test_mfu_is_model_flops_per_second_over_the_peak_beside_tokens_per_s():
     config = build_config(model="gpt", preset="gpt2-124m", data="synthetic", tokenizer="bpe")
     gpt = get_workload("gpt")
-    figures = gpt.throughput(400.0, config, peak_flops=989e12)  # 400 windows of 1024 tokens a second
+    # 400 windows of 1024 tokens a second: the workload's tokens/s, the engine's MFU from its FLOPs per window.
+    figures = {**gpt.throughput(400.0, config), **utilization(400.0, gpt.flops_per_sample(config), 989e12)}
     assert figures == {"tokens_per_s": 409600.0, "mfu": 409600.0 * flops_per_token(GPT2_124M) / 989e12}
     assert round(figures["mfu"], 3) == 0.354  # 0.86 GFLOP x 409.6k tokens/s of 989 TFLOP/s
     line = format_record({"epoch": 1, "step": 5, **figures}, Budget(epochs=1, steps_per_epoch=5))
     assert line == "epoch 1/1 | step 5 | 409600 tokens/s | mfu 35.4%"
     # Where the device is not a known GPU (a CPU), nothing is claimed: the figures are today's.
-    assert gpt.throughput(400.0, config) == {"tokens_per_s": 409600.0}
-    assert "mfu" not in gpt.result_metrics({"train": {"perplexity": 2.0}}, 400.0, config, peak_flops=None)
-    assert gpt.result_metrics({"train": {"perplexity": 2.0}}, 400.0, config, peak_flops=989e12)["mfu"] == figures["mfu"]
+    assert utilization(400.0, gpt.flops_per_sample(config), None) == {}
+    assert "mfu" not in gpt.result_metrics({"train": {"perplexity": 2.0}}, 400.0, config)
 
 
 @pytest.mark.slow

@@ -117,6 +117,14 @@ def peak_of_gpu(name: str) -> float | None:
     return next((tflops * 1e12 for gpu, tflops in DENSE_BF16_TFLOPS.items() if gpu in name), None)
 
 
+def utilization(samples_per_s: float, sample_flops: float | None, peak_flops: float | None) -> dict[str, float]:
+    """``{"mfu": ...}``, the model FLOPs done over the peak, where both are known; empty otherwise (a CPU, an
+    unknown GPU, a workload that does not count its FLOPs): nothing is claimed."""
+    if not (sample_flops and peak_flops):
+        return {}
+    return {"mfu": samples_per_s * sample_flops / peak_flops}
+
+
 def world_bf16_peak(accelerator) -> float | None:
     """The dense bf16 peak of all the run's processes together (one GPU each, all alike), or None: what a
     global throughput's MFU is taken against."""

@@ -32,7 +32,7 @@ from toyaccel.engine.distributed import check_processes_agree
 from toyaccel.engine.faults import fault_hooks
 from toyaccel.engine.interrupts import StopRequests
 from toyaccel.engine.optim import build_optimizer, learning_rate, optimizer_to_step, own_random_stream
-from toyaccel.engine.placement import choose_placement, world_bf16_peak
+from toyaccel.engine.placement import choose_placement, utilization, world_bf16_peak
 from toyaccel.engine.reporting import MetricsLogger, say
 from toyaccel.engine.workload import Workload
 from toyaccel.errors import Interrupted, ToyaccelError
@@ -82,9 +82,7 @@ class Trainer:
 
     def utilization(self, samples_per_s: float) -> dict[str, float]:
         """The MFU, where both the workload's FLOPs per sample and the device's peak are known."""
-        if not (self.sample_flops and self.peak_flops):
-            return {}
-        return {"mfu": samples_per_s * self.sample_flops / self.peak_flops}
+        return utilization(samples_per_s, self.sample_flops, self.peak_flops)
 
     def place_data(self):
         """Where --data-placement keeps the training and validation tensors (toyaccel.engine.placement)."""

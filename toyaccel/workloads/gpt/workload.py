@@ -90,22 +90,16 @@ class GPTWorkload(Workload):
         """A window of context_length tokens, each 6N plus attention (flops_per_token): the engine's MFU."""
         return flops_per_token(self.model_shape(config)) * config.context_length
 
-    def throughput(self, samples_per_s: float, config: TrainConfig, peak_flops: float | None = None):
-        """A sample is a window of context_length tokens: language models are compared in tokens/s. The
-        engine adds the MFU itself (flops_per_sample); ``peak_flops``, optional beyond the hook's signature,
-        gives it here too, for a caller outside the loop."""
-        tokens_per_s = samples_per_s * config.context_length
-        if not peak_flops:
-            return {"tokens_per_s": tokens_per_s}
-        model_flops = tokens_per_s * flops_per_token(self.model_shape(config))
-        return {"tokens_per_s": tokens_per_s, "mfu": model_flops / peak_flops}
+    def throughput(self, samples_per_s: float, config: TrainConfig) -> dict[str, float]:
+        """A sample is a window of context_length tokens: language models are compared in tokens/s (the
+        engine adds the MFU from flops_per_sample)."""
+        return {"tokens_per_s": samples_per_s * config.context_length}
 
-    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig,
-                       peak_flops: float | None = None):  # fmt: skip
+    def result_metrics(self, metrics: dict[str, dict[str, Any]], samples_per_s: float, config: TrainConfig):
         return {
             "val_perplexity": metrics["val"]["perplexity"] if "val" in metrics else None,
             "train_perplexity": metrics["train"]["perplexity"],
-            **self.throughput(samples_per_s, config, peak_flops),
+            **self.throughput(samples_per_s, config),
             "best_possible_loss": best_possible_loss(config),
         }
 
